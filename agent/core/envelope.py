@@ -1,0 +1,209 @@
+"""Events and the upstream envelope (contract section 2): ids, timestamps, streams, priorities.
+
+An event is stored once, at commit, as the JSON of its envelope without `seq` and without the
+agent's identity (`tenant`, `store`, `agent`); both are spliced in when a batch is sent, so a
+buffered event costs only what is particular to it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+# Streams the cap may drop (oldest first) to make room; everything else is refused instead.
+LOW_PRIORITY_STREAMS = frozenset({"traffic", "metrics", "telemetry"})
+# Never dropped: the agent stops acknowledging the device instead (contract section 4.1).
+CRITICAL_STREAMS = frozenset({"pos", "scan", "command", "pickup"})
+
+PRIORITY_LOW = 0
+PRIORITY_NORMAL = 1
+PRIORITY_CRITICAL = 2
+
+
+class EnvelopeError(ValueError):
+    """An event that cannot become an envelope (bad type, bad timestamp, data not an object)."""
+
+
+def stream_of(event_type: str) -> str:
+    """The stream of an event type: the part before the first dot."""
+    stream, dot, name = event_type.partition(".")
+    if not dot or not stream or not name:
+        raise EnvelopeError(f"event type {event_type!r} is not 'stream.name'")
+    return stream
+
+
+def priority_of(stream: str) -> int:
+    """How hard the buffer fights to keep a stream's events when its cap is reached."""
+    if stream in CRITICAL_STREAMS:
+        return PRIORITY_CRITICAL
+    if stream in LOW_PRIORITY_STREAMS:
+        return PRIORITY_LOW
+    return PRIORITY_NORMAL
+
+
+class Event:
+    """One thing that happened in the store, before it is committed.
+
+    `ts` is RFC 3339 UTC with milliseconds (see `utc_ms`); None means "when it is committed".
+    `data` must serialise to a JSON object.
+    """
+
+    __slots__ = ("type", "data", "source", "ts", "stream")
+
+    def __init__(self, type: str, data: Mapping[str, Any], source: str, ts: str | None = None) -> None:
+        self.type = type
+        self.data = data
+        self.source = source
+        self.ts = ts
+        self.stream = stream_of(type)
+
+    def __repr__(self) -> str:
+        return f"Event({self.type!r}, {self.data!r}, {self.source!r}, {self.ts!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and (self.type, self.data, self.source, self.ts) == (
+            other.type, other.data, other.source, other.ts
+        )
+
+
+class Uuid7:
+    """UUIDv7 text ids (RFC 9562), time-ordered and unique, made a commit at a time.
+
+    A commit's ids share a stem: the millisecond, a 12-bit `rand_a` counter seeded at random each
+    millisecond and stepped for every stem (RFC 9562 method 1, so stems made in the same
+    millisecond sort in the order they were made) and 46 random bits; the last 16 bits of
+    `rand_b` number the commit's events (method 2, a monotonic counter). One commit takes at most
+    65,536 ids from a stem; more take further stems.
+    """
+
+    __slots__ = ("_last_ms", "_counter", "_prefix", "_bits")
+
+    PER_STEM = 1 << 16
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._last_ms = -1
+        self._counter = 0
+        self._prefix = ""
+        self._bits = (rng or random.Random()).getrandbits
+
+    def stem(self, now_ms: int) -> str:
+        """32 characters of an id; append `f"{i:04x}"` for the commit's i-th event."""
+        if now_ms > self._last_ms:
+            self._last_ms = now_ms
+            self._counter = self._bits(11)
+            h = f"{now_ms & 0xFFFFFFFFFFFF:012x}"
+            self._prefix = f"{h[:8]}-{h[8:]}-7"
+        else:
+            self._counter += 1
+            if self._counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+                return self.stem(self._last_ms + 1)
+        r = f"{self._bits(46) | 0x800000000000:012x}"
+        return f"{self._prefix}{self._counter:03x}-{r[:4]}-{r[4:]}"
+
+    def make(self, now_ms: int) -> str:
+        """One id on its own."""
+        return self.stem(now_ms) + f"{self._bits(16):04x}"
+
+
+class UtcFormatter:
+    """Formats Unix milliseconds as `2026-11-23T08:15:02.125Z`, caching the seconds part."""
+
+    __slots__ = ("_sec", "_prefix")
+
+    def __init__(self) -> None:
+        self._sec = -1
+        self._prefix = ""
+
+    def format(self, epoch_ms: int) -> str:
+        sec, ms = divmod(epoch_ms, 1000)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        return f"{self._prefix}{ms:03d}Z"
+
+
+def parse_ts(text: str) -> datetime:
+    """Parse RFC 3339 with an explicit offset (`Z` or `±hh:mm`); anything else is an error."""
+    if not isinstance(text, str) or len(text) < 20 or text[10] not in "Tt ":
+        raise EnvelopeError(f"ts {text!r} is not RFC 3339 with an offset")
+    try:
+        parsed = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise EnvelopeError(f"ts {text!r} is not RFC 3339 with an offset") from None
+    if parsed.tzinfo is None:
+        raise EnvelopeError(f"ts {text!r} has no UTC offset")
+    return parsed
+
+
+def utc_ms(text: str) -> str:
+    """An RFC 3339 timestamp with any offset, as UTC with milliseconds (the envelope's `ts`)."""
+    parsed = parse_ts(text).astimezone(UTC)
+    return parsed.strftime("%Y-%m-%dT%H:%M:%S.") + f"{parsed.microsecond // 1000:03d}Z"
+
+
+class EnvelopeEncoder:
+    """Encodes events as full envelope JSON (contract section 2), as cheaply as Python allows.
+
+    Stored envelopes are complete, the agent's identity included, so a batch is sent as the
+    stored bytes joined by commas: sending does no per-event work.
+    """
+
+    __slots__ = ("_identity", "_names")
+
+    def __init__(self, tenant: str, store: str, agent: str) -> None:
+        self._identity = orjson.dumps({"tenant": tenant, "store": store, "agent": agent})[1:-1]
+        self._names: dict[str, bytes] = {}
+
+    def _name(self, text: str) -> bytes:
+        encoded = self._names.get(text)
+        if encoded is None:
+            encoded = orjson.dumps(text)
+            if len(self._names) < 4096:
+                self._names[text] = encoded
+        return encoded
+
+    def encode_many(
+        self, events: Sequence[Event], first_seq: int, stem: str, now_ts: str
+    ) -> list[bytes]:
+        """Envelopes for a commit's events, numbered from `first_seq`, ids `stem` + 4 hex digits.
+
+        `id` comes first so that its time can be read without parsing (see `id_time`).
+        """
+        stem_b = stem.encode()
+        out: list[bytes] = []
+        append = out.append
+        dumps = orjson.dumps
+        last_type = last_source = last_ts = None
+        middle = b""
+        i = 0
+        for event in events:
+            if event.type is not last_type or event.source is not last_source or event.ts is not last_ts:
+                last_type, last_source, last_ts = event.type, event.source, event.ts
+                ts = last_ts or now_ts
+                middle = b'"ts":"%s","type":%s,"source":%s,%s,"data":' % (
+                    ts.encode(), self._name(event.type), self._name(event.source), self._identity
+                )
+            try:
+                data = dumps(event.data)
+            except TypeError as exc:
+                raise EnvelopeError(f"data of {event.type} is not JSON: {exc}") from None
+            if data[:1] != b"{":
+                raise EnvelopeError(f"data of {event.type} is not a JSON object")
+            append(b'{"id":"%s%04x","seq":%d,%s%s}' % (stem_b, i, first_seq + i, middle, data))
+            i += 1
+        return out
+
+
+def id_time(envelope: bytes) -> float:
+    """Commit time of a stored envelope, read from its UUIDv7 id (the first 48 bits are Unix ms)."""
+    start = envelope.index(b'"id":"') + 6
+    return int(envelope[start : start + 13].replace(b"-", b""), 16) / 1000.0
+
+
+def batch_bytes(agent_json: bytes, joined_envelopes: bytes) -> bytes:
+    """An `up/{stream}` payload, `{"agent": "…", "events": [envelope, …]}`, from joined envelopes."""
+    return b'{"agent":%s,"events":[%s]}' % (agent_json, joined_envelopes)

@@ -1,0 +1,1 @@
+"""Pure byte parsers and encoders for the devices the agent talks to."""

@@ -1,0 +1,73 @@
+"""A real MQTT subscriber that collects what the agent publishes, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+class Collector:
+    """Subscribes to `topic` (QoS 1) and keeps every event envelope it receives."""
+
+    def __init__(self, port: int, topic: str = "#", client_id: str = "test-collector") -> None:
+        self.port = port
+        self.topic = topic
+        self.lock = threading.RLock()  # wait_for predicates may call ids()
+        self.events: list[dict[str, Any]] = []
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.by_topic: dict[str, list[bytes]] = defaultdict(list)
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload, msg.retain))
+            self.by_topic[msg.topic].append(msg.payload)
+            if "/up/" in msg.topic:
+                self.events.extend(orjson.loads(msg.payload)["events"])
+
+    def start(self, timeout: float = 10.0) -> Collector:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client.connect("127.0.0.1", self.port, 30)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.client.loop_start()
+        if not self.subscribed.wait(timeout):
+            raise RuntimeError("collector did not subscribe")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def wait_for(self, predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
+        """Wait until `predicate(self)` is true; False after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if predicate(self):
+                    return True
+            time.sleep(interval)
+        with self.lock:
+            return bool(predicate(self))
+
+    def ids(self) -> set[str]:
+        with self.lock:
+            return {e["id"] for e in self.events}

@@ -1,0 +1,184 @@
+"""The local event API end to end: the real `store-agent run` process, a real mosquitto, HTTP clients.
+
+Concurrent clients post while the agent is killed with SIGKILL. Every request that got a 200 must
+arrive upstream; a request that got no answer is retried after the restart with the same
+Idempotency-Key and must be stored once: each of its events arrives under exactly one id, the
+one the retry's answer names.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.mosquitto import Mosquitto, free_port
+from tests.subscriber import Collector
+
+AGENT = Path(sys.executable).with_name("store-agent")  # the venv's console script
+TOKEN = "e2e-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PER_REQUEST = 50
+
+
+class AgentProcess:
+    """`store-agent run --config FILE` as a subprocess, killable and restartable on the same data dir."""
+
+    def __init__(self, tmp: Path, broker_port: int) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (tmp / "token").write_text(TOKEN + "\n")
+        self.config = tmp / "agent.toml"
+        self.config.write_text(
+            f'[agent]\ntenant = "acme"\nstore = "s1"\nid = "a1"\ndata_dir = "{tmp / "data"}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntls = false\n'
+            f'[local_api]\nlisten = "127.0.0.1:{self.port}"\ntoken_file = "{tmp / "token"}"\n'
+            '[log]\nlevel = "warning"\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        log = open(self.tmp / "agent.log", "ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STORE_AGENT")}
+        self.proc = subprocess.Popen([str(AGENT), "run", "--config", str(self.config)], stdout=log, stderr=log,
+                                     env=env)
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.tmp / "agent.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("the agent did not answer /healthz within 20 s")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def collector(broker: Mosquitto) -> Iterator[Collector]:
+    c = Collector(broker.port, "retail/acme/s1/a1/up/#", client_id="e2e-collector").start()
+    yield c
+    c.stop()
+
+
+def request_body(key: str) -> bytes:
+    return orjson.dumps([{"type": "app.checkin", "source": "e2e", "data": {"req": key, "i": i}}
+                         for i in range(PER_REQUEST)])
+
+
+def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_kill(
+    tmp_path: Path, broker: Mosquitto, collector: Collector
+) -> None:
+    agent = AgentProcess(tmp_path, broker.port).start()
+    answered: dict[str, list[str]] = {}   # key -> ids of its 200 answer
+    unanswered: list[str] = []
+    lock = threading.Lock()
+    enough = threading.Event()
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=agent.url, timeout=15) as c:
+            for n in range(10_000):  # bounded; ends at the kill
+                key = f"w{worker}-r{n}"
+                try:
+                    r = c.post("/v1/events", content=request_body(key), headers={**AUTH, "Idempotency-Key": key})
+                except httpx.TransportError:
+                    with lock:
+                        unanswered.append(key)
+                    return
+                assert r.status_code == 200, r.text
+                with lock:
+                    answered[key] = r.json()["ids"]
+                    if len(answered) >= 60:
+                        enough.set()
+
+    # one request is surely in flight at the kill: its body is never finished
+    partial = socket.create_connection(("127.0.0.1", agent.port))
+    partial_body = request_body("partial")
+    partial.sendall(f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    f"Idempotency-Key: partial\r\nContent-Length: {len(partial_body)}\r\n\r\n".encode()
+                    + partial_body[: len(partial_body) // 2])
+    unanswered.append("partial")
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert enough.wait(30), "clients made too little progress"
+        agent.kill9()
+        for t in threads:
+            t.join(20)
+        partial.close()
+        assert not any(t.is_alive() for t in threads)
+
+        agent.start()  # same data dir: the buffer and the idempotency keys survive
+        with httpx.Client(base_url=agent.url, timeout=15) as c:
+            for key in unanswered:
+                r = c.post("/v1/events", content=request_body(key), headers={**AUTH, "Idempotency-Key": key})
+                assert r.status_code == 200, r.text
+                answered[key] = r.json()["ids"]
+                # and again: the same answer, nothing new
+                again = c.post("/v1/events", content=request_body(key), headers={**AUTH, "Idempotency-Key": key})
+                assert again.content == r.content
+
+        expected = {i for ids in answered.values() for i in ids}
+        assert len(expected) == len(answered) * PER_REQUEST
+        arrived = collector.wait_for(lambda c: expected <= {e["id"] for e in c.events}, timeout=30)
+        with collector.lock:
+            events = list(collector.events)
+        missing = expected - {e["id"] for e in events}
+        assert arrived, f"{len(missing)} acknowledged events never arrived upstream"
+
+        ids_of: dict[tuple[str, int], set[str]] = defaultdict(set)
+        for e in events:
+            ids_of[(e["data"]["req"], e["data"]["i"])].add(e["id"])
+        for key, ids in answered.items():
+            for i, event_id in enumerate(ids):
+                assert ids_of[(key, i)] == {event_id}, (key, i, ids_of[(key, i)])
+        # nothing arrived that no answer names (a request stored twice would show here)
+        assert {i for s in ids_of.values() for i in s} == expected
+    finally:
+        agent.stop()
+
+
+def test_answers_do_not_wait_for_the_broker(tmp_path: Path, broker: Mosquitto) -> None:
+    """With the broker down the API answers 200 from the buffer, and /healthz says so in its body."""
+    broker.kill()
+    agent = AgentProcess(tmp_path, broker.port).start()
+    try:
+        with httpx.Client(base_url=agent.url, timeout=15) as c:
+            for n in range(5):
+                r = c.post("/v1/events", content=request_body(f"down-{n}"), headers=AUTH)
+                assert r.status_code == 200
+            health = c.get("/healthz")
+            assert health.status_code == 200
+            assert health.json()["mqtt"]["connected"] is False
+            assert c.get("/v1/status").json()["buffer"]["events"] == 5 * PER_REQUEST
+    finally:
+        agent.stop()
