@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +23,8 @@ from agent.uplink import Uplink
 log = logging.getLogger(__name__)
 
 SHUTDOWN_SEND_S = 3.0
+GC_THRESHOLD = 10_000
+MAINTENANCE_EVERY_S = 3600.0
 
 
 class Agent:
@@ -72,7 +76,13 @@ class Agent:
         self.notifier.notify(f"READY=1\nSTATUS=buffer open, {self.outbox.count} events waiting")
         log.info("store-agent %s running: tenant=%s store=%s agent=%s buffer=%s",
                  __version__, self.cfg.agent.tenant, self.cfg.agent.store, self.cfg.agent.id, self.outbox.path)
+        # what start-up made lives as long as the process: keep the collector from walking it again,
+        # and let young garbage (per-request dicts and lists) pile up longer before a collection
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, 20, 50)
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        self.spawn("maintenance", self._maintenance)
         await self.stopping.wait()
         watchdog.cancel()
         await self._shutdown()
@@ -148,6 +158,14 @@ class Agent:
             elif not healthy:
                 log.error("unhealthy: buffer writer alive=%s, uplink alive=%s; withholding WATCHDOG=1",
                           self.outbox.alive, self.uplink.alive if self.uplink else None)
+
+    async def _maintenance(self) -> None:
+        from agent.maintenance import hourly
+
+        while True:
+            result = await asyncio.to_thread(self.outbox.call, lambda conn: hourly(conn, time.time()))
+            log.debug("maintenance: %s", result)
+            await asyncio.sleep(MAINTENANCE_EVERY_S)
 
     async def _shutdown(self) -> None:
         log.info("stopping")

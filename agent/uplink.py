@@ -347,7 +347,8 @@ class Uplink:
         window = self.cfg.mqtt.inflight
         while len(self._inflight) < window:
             free = window - len(self._inflight)
-            read = read_chunks(self.outbox.read_conn(), self._cursor, free * 64)
+            read = read_chunks(self.outbox.read_conn(), self._cursor, free * 64,
+                               max_bytes=free * self.cfg.mqtt.batch_max_bytes)
             if not read:
                 return
             batches = self._batches([c for c in read if c.seq not in self._published])

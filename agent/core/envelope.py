@@ -174,27 +174,28 @@ class EnvelopeEncoder:
         `id` comes first so that its time can be read without parsing (see `id_time`).
         """
         stem_b = stem.encode()
+        now_b = now_ts.encode()
         out: list[bytes] = []
         append = out.append
         dumps = orjson.dumps
-        last_type = last_source = last_ts = None
-        middle = b""
+        last_type = last_source = None
+        rest = b""
         i = 0
-        for event in events:
-            if event.type is not last_type or event.source is not last_source or event.ts is not last_ts:
-                last_type, last_source, last_ts = event.type, event.source, event.ts
-                ts = last_ts or now_ts
-                middle = b'"ts":"%s","type":%s,"source":%s,%s,"data":' % (
-                    ts.encode(), self._name(event.type), self._name(event.source), self._identity
-                )
-            try:
+        try:
+            for event in events:
+                if event.type is not last_type or event.source is not last_source:
+                    last_type, last_source = event.type, event.source
+                    rest = b'"type":%s,"source":%s,%s,"data":' % (
+                        self._name(event.type), self._name(event.source), self._identity
+                    )
                 data = dumps(event.data)
-            except TypeError as exc:
-                raise EnvelopeError(f"data of {event.type} is not JSON: {exc}") from None
-            if data[:1] != b"{":
-                raise EnvelopeError(f"data of {event.type} is not a JSON object")
-            append(b'{"id":"%s%04x","seq":%d,%s%s}' % (stem_b, i, first_seq + i, middle, data))
-            i += 1
+                if data[:1] != b"{":
+                    raise EnvelopeError(f"data of {event.type} is not a JSON object")
+                ts = event.ts.encode() if event.ts else now_b
+                append(b'{"id":"%s%04x","seq":%d,"ts":"%s",%s%s}' % (stem_b, i, first_seq + i, ts, rest, data))
+                i += 1
+        except TypeError as exc:
+            raise EnvelopeError(f"event {i} is not JSON: {exc}") from None
         return out
 
 
