@@ -213,6 +213,7 @@ class Outbox:
         self.quarantined: str | None = None
         self.last_error: str | None = None
         self._committed_listeners: list[Callable[[], None]] = []
+        self._durable = True
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -390,6 +391,13 @@ class Outbox:
         staged = _Staged()
         state = _GroupState(self.count, self.bytes, self.low_bytes, self.next_seq)
         added: Counter[str] = Counter()
+        # Only commits need fsync: a deletion after PUBACK that a crash undoes means one resend
+        # (at least once), so a group of deletions alone is not synced (WAL + synchronous=NORMAL);
+        # the next durable commit's fsync covers it anyway.
+        durable = any(isinstance(item, _Commit) for item in items) or final
+        if durable != self._durable:
+            conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+            self._durable = durable
         try:
             conn.execute("BEGIN IMMEDIATE")
             for item in items:

@@ -79,6 +79,9 @@ def make_client(cfg: AgentConfig, state_topic: str, offline: bytes) -> mqtt.Clie
 class Uplink:
     """The MQTT session thread: connect, publish the backlog in batches, delete after PUBACK."""
 
+    # Longest wait for socket activity when idle; new events wake the thread at once (`kick`).
+    IDLE_WAIT_S = 1.0
+
     def __init__(
         self,
         cfg: AgentConfig,
@@ -200,12 +203,14 @@ class Uplink:
             self._drain_wake()
 
     def _drain_wake(self) -> None:
-        self._kicked = False
         try:
             while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        # after the bytes are read: a kick that finds the flag still set sent no byte, but its
+        # commit came before this line, so the `_fill` that follows reads it
+        self._kicked = False
 
     def _connect(self) -> mqtt.Client:
         offline = orjson.dumps({"online": False, "version": __version__})
@@ -314,7 +319,8 @@ class Uplink:
                 if time.monotonic() >= next_metrics:
                     self._publish_metrics(client)
                     next_metrics = time.monotonic() + self.cfg.mqtt.metrics_interval_s
-                timeout = 0.2 if stopping else max(0.0, min(1.0, next_metrics - time.monotonic()))
+                idle = max(0.0, min(self.IDLE_WAIT_S, next_metrics - time.monotonic()))
+                timeout = 0.2 if stopping else idle
                 if not self._pump(client, timeout):
                     log.warning("lost the broker connection")
                     self.status.last_error = "connection lost"

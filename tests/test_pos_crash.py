@@ -1,13 +1,15 @@
 """kill -9 tests: the real `store-agent run` process, a real mosquitto, a POS played over a real pty.
 
-How the subscriber stays deterministic across broker kills: the collector has a persistent session
-(clean_session=False) on a mosquitto with persistence, and the broker's database is saved
-(SIGUSR1) once the collector has subscribed. A broker killed with -9 and started again then
-still holds the collector's subscription, so whatever the agent publishes after the restart is
-queued for the collector even if the agent reconnects first; no race between the agent's
-backoff and the collector's resubscription is left. What the broker acknowledged (PUBACK) before
-a kill had already been written to the collector's socket (mosquitto writes to subscribers
-before it answers the publisher), and the collector reads that even after the broker is gone.
+How the subscriber stays deterministic across broker kills:
+- The collector has a persistent session (clean_session=False) on a mosquitto with persistence,
+  and the broker's database is saved (SIGUSR1) once the collector has subscribed. A broker killed
+  with -9 and started again still holds the collector's subscription, so what the agent publishes
+  after the restart is queued for the collector even when the agent reconnects first: no race
+  between the agent's backoff and the collector's resubscription.
+- mosquitto writes a message to its subscribers before it sends the PUBACK, but a subscriber
+  slower than the agent (this Python collector) leaves acknowledged messages in the broker's
+  memory, which a kill -9 loses through no fault of the agent's. So the broker is killed at a
+  consistent cut: see `kill_broker`.
 """
 
 from __future__ import annotations
@@ -375,7 +377,8 @@ def test_agent_kill9_loses_no_acked_transaction(tmp_path: Path, upstream, cleanu
     agent.start()
     for i in range(kills):
         if i == kills // 3:
-            kill_broker(broker, collector, agent)  # broker down while the agent keeps taking transactions into its buffer
+            # broker down: the agent keeps taking transactions into its buffer
+            kill_broker(broker, collector, agent)
         elif i == 2 * kills // 3:
             broker.start()  # same port, same database: the collector's session is still there
         if rng.random() < 0.25:
@@ -398,6 +401,12 @@ def test_agent_kill9_loses_no_acked_transaction(tmp_path: Path, upstream, cleanu
     wait_until(lambda: set(acked) <= set(collector.pos_ids()), 60,
                "every ACKed transaction upstream")
     assert_once_each(collector, acked, till.sent)
+    # the till moves on only after an ACK, so each transaction was committed after the one
+    # before it: seqs rise in till order across all the restarts
+    with collector.lock:
+        seq_of = {e["data"]["txn_id"]: e["seq"] for e in collector.events if e["type"] == "pos.sale"}
+    seqs = [seq_of[t] for t in acked]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     wait_until(lambda: buffer_events(agent.config, tmp_path) == 0, 30, "an empty buffer")
 
 

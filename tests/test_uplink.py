@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -61,6 +62,36 @@ def test_backlog_arrives_in_seq_order_per_stream_and_leaves_the_buffer(tmp_path,
         assert states and states[0]["online"] is True
     finally:
         uplink.stop(2)
+        outbox.close()
+        collector.stop()
+
+
+def test_each_new_event_wakes_the_uplink(tmp_path, broker, monkeypatch):
+    """Online events go out when committed, not at the next timer tick (a lost wake-up once made
+    every event wait for the idle timeout): with that timeout an hour, they must still arrive."""
+    monkeypatch.setattr(Uplink, "IDLE_WAIT_S", 3600.0)
+    cfg = config(tmp_path, broker.port, extra="metrics_interval_s = 3600")
+    outbox = make_outbox(cfg)
+    collector = Collector(broker.port, "retail/acme/s1/a1/up/#").start()
+    uplink = Uplink(cfg, outbox).start()
+    try:
+        assert wait_until(lambda: uplink.status.connected, 10)
+        # several committers at once, one event a commit, as drivers and API clients do
+        def commit_many(k: int) -> None:
+            for i in range(150):
+                outbox.commit_sync([Event("pos.sale", {"k": k, "i": i}, "pos:1")])
+
+        threads = [threading.Thread(target=commit_many, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert collector.wait_for(lambda c: len(c.ids()) == 900, 20), f"{len(collector.ids())} of 900 sent"
+        # and once idle, a single event still goes out
+        ids = outbox.commit_sync([Event("pos.sale", {"last": 1}, "pos:1")]).ids
+        assert collector.wait_for(lambda c: ids[0] in c.ids(), 20), "an event committed while idle was not sent"
+    finally:
+        uplink.stop(1)
         outbox.close()
         collector.stop()
 

@@ -1,0 +1,288 @@
+"""Benchmarks of the durable core (issue 3): numbers printed, nothing asserted.
+
+    .venv/bin/python bench/core.py ingest [--events 500000]     durable ingest, batches of 500
+    .venv/bin/python bench/core.py drain  [--events 1000000]    a backlog to a local mosquitto, QoS 1
+    .venv/bin/python bench/core.py latency [--rate 1000 --seconds 20]   commit -> subscriber, online
+    .venv/bin/python bench/core.py idle   [--seconds 30]        idle RSS and CPU of the agent
+    .venv/bin/python bench/core.py size   [--events 100000]     bytes of buffer per small event
+    .venv/bin/python bench/core.py all
+
+Each prints wall figures and the agent's CPU time per event (user + system of its process, from
+/proc), which is steady where wall time is not on a busy 2-core machine. The agent runs as
+`store-agent run` in a subprocess, the broker is a mosquitto on a free loopback port and the
+subscriber a separate process, so neither is counted as the agent's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.core.envelope import Event  # noqa: E402
+from agent.outbox import Outbox  # noqa: E402
+from bench.local_api import cpu_seconds, memory_mb, subscriber  # noqa: E402
+from tests.mosquitto import Mosquitto, free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = ROOT / ".venv" / "bin" / "store-agent"
+TOKEN = "bench-token-0123456789"
+
+
+def small_events(n: int, start: int = 0) -> list[Event]:
+    return [Event("app.checkin", {"member": f"m-{(start + i) % 9973}", "lane": i % 8}, "tablet-1")
+            for i in range(n)]
+
+
+def write_config(work: Path, broker_port: int | None, api_port: int) -> Path:
+    (work / "token").write_text(TOKEN + "\n")
+    mqtt = f'host = "127.0.0.1"\nport = {broker_port}\ntls = false\n' if broker_port else ""
+    config = work / "agent.toml"
+    config.write_text(
+        f'[agent]\ntenant = "bench"\nstore = "s1"\nid = "a1"\ndata_dir = "{work / "data"}"\n'
+        f"[mqtt]\n{mqtt}"
+        f'[local_api]\nlisten = "127.0.0.1:{api_port}"\ntoken_file = "{work / "token"}"\n'
+        '[log]\nlevel = "warning"\n'
+    )
+    return config
+
+
+def start_agent(config: Path, work: Path) -> subprocess.Popen[bytes]:
+    log = open(work / "agent.log", "ab")
+    return subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=log, stderr=log)
+
+
+def api_get(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return orjson.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(interval)
+    return False
+
+
+def stop(agent: subprocess.Popen[bytes]) -> None:
+    agent.terminate()
+    try:
+        agent.wait(20)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+
+
+def bench_ingest(args: argparse.Namespace) -> None:
+    """Durable group commit from 4 threads, batches of 500, fsync'd (synchronous=FULL)."""
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        outbox = Outbox(Path(tmp) / "buffer.db", tenant="bench", store="s1", agent="a1").start()
+        per_thread = args.events // 4
+        batches = [[small_events(500, t * per_thread + i) for i in range(0, per_thread, 500)] for t in range(4)]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+
+        def work(mine: list[list[Event]]) -> None:
+            for batch in mine:
+                outbox.commit_sync(batch)
+
+        threads = [threading.Thread(target=work, args=(b,)) for b in batches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        outbox.close()
+        n = per_thread * 4
+        print(f"ingest: {n:,} events in batches of 500 from 4 threads: {n / wall:,.0f} events/s durable; "
+              f"CPU {cpu / n * 1e6:.2f} us/event")
+
+
+def bench_drain(args: argparse.Namespace) -> None:
+    """A backlog committed while offline, then the agent drains it to a local mosquitto."""
+    with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work / "mosquitto").start()
+        outbox = Outbox(work / "data" / "buffer.db", tenant="bench", store="s1", agent="a1").start()
+        for i in range(0, args.events, 500):
+            outbox.commit_sync(small_events(500, i))
+        outbox.close()
+        size_mb = sum(p.stat().st_size for p in (work / "data").iterdir()) / 1e6
+        ctx = mp.get_context("spawn")
+        expected = ctx.Value("q", args.events)
+        ready = ctx.Event()
+        result: mp.Queue = ctx.Queue()
+        sub = ctx.Process(target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, result))
+        sub.start()
+        ready.wait(10)
+        api_port = free_port()
+        agent = start_agent(write_config(work, broker.port, api_port), work)
+        try:
+            t0 = time.time()
+            cpu0 = 0.0
+            report = result.get(timeout=900)
+            wall = report["last"] - t0
+            cpu = cpu_seconds(agent.pid) - cpu0
+            peak = memory_mb(agent.pid)
+            wait_for(lambda: api_get(api_port, "/v1/status")["buffer"]["events"] == 0, 30)
+            left = api_get(api_port, "/v1/status")["buffer"]["events"]
+        finally:
+            stop(agent)
+            sub.join(5)
+            broker.stop()
+        print(f"drain: {args.events:,} buffered events ({size_mb:.0f} MB on disk) to mosquitto at QoS 1: "
+              f"{report['distinct'] / wall:,.0f} events/s (start-up included, {wall:.1f} s); "
+              f"agent CPU {cpu / args.events * 1e6:.2f} us/event (start-up included); peak RSS {peak:.1f} MB; "
+              f"received {report['distinct']:,} distinct, {report['duplicates']} duplicates; left in buffer {left}")
+
+
+def latency_subscriber(port: int, topic: str, ready, result, seconds: float) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    latencies: list[float] = []
+
+    def on_message(client, userdata, msg):  # type: ignore[no-untyped-def]
+        now = time.time()
+        for e in orjson.loads(msg.payload)["events"]:
+            latencies.append(now - e["data"]["t0"])
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-latency", protocol=mqtt.MQTTv311)
+    client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+    client.on_subscribe = lambda *a: ready.set()
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, 60)
+    client.loop_start()  # paho's own thread reads every packet as it comes (loop() takes one a call)
+    time.sleep(seconds + 10)
+    client.loop_stop()
+    result.put(latencies)
+
+
+def bench_latency(args: argparse.Namespace) -> None:
+    """Events posted one at a time at `rate`/s; latency = received upstream - before the POST."""
+    with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work / "mosquitto").start()
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        result: mp.Queue = ctx.Queue()
+        sub = ctx.Process(target=latency_subscriber,
+                          args=(broker.port, "retail/bench/s1/a1/up/#", ready, result, args.seconds))
+        sub.start()
+        ready.wait(10)
+        api_port = free_port()
+        agent = start_agent(write_config(work, broker.port, api_port), work)
+        try:
+            wait_for(lambda: api_get(api_port, "/healthz")["mqtt"]["connected"], 20)
+            headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+            counts = [0] * args.clients
+            cpu0 = cpu_seconds(agent.pid)
+            start = time.perf_counter()
+
+            def client(k: int) -> None:
+                # each client sends one event a request at rate/clients, like many store apps at once
+                conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=10)
+                interval = args.clients / args.rate
+                while time.perf_counter() - start < args.seconds:
+                    due = start + (k / args.clients + counts[k]) * interval
+                    pause = due - time.perf_counter()
+                    if pause > 0:
+                        time.sleep(pause)
+                    body = orjson.dumps([{"type": "app.ping", "data": {"t0": time.time(), "c": k, "n": counts[k]}}])
+                    conn.request("POST", "/v1/events", body, headers)
+                    conn.getresponse().read()
+                    counts[k] += 1
+
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            sent = sum(counts)
+            achieved = sent / (time.perf_counter() - start)
+            cpu = cpu_seconds(agent.pid) - cpu0
+            latencies = sorted(result.get(timeout=60))
+        finally:
+            stop(agent)
+            sub.join(5)
+            broker.stop()
+        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+        print(f"latency: {sent:,} events posted one per request by {args.clients} clients at {achieved:,.0f}/s; commit->subscriber "
+              f"(from before the POST) p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {latencies[-1] * 1000:.1f} ms; "
+              f"received {len(latencies):,}; agent CPU {cpu / max(sent, 1) * 1e6:.1f} us/event at one event a request")
+
+
+def bench_idle(args: argparse.Namespace) -> None:
+    """The agent connected, nothing happening: RSS and CPU share."""
+    with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work / "mosquitto").start()
+        api_port = free_port()
+        agent = start_agent(write_config(work, broker.port, api_port), work)
+        try:
+            wait_for(lambda: api_get(api_port, "/healthz")["mqtt"]["connected"], 20)
+            time.sleep(3)
+            cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
+            time.sleep(args.seconds)
+            cpu, wall = cpu_seconds(agent.pid) - cpu0, time.monotonic() - t0
+            rss = memory_mb(agent.pid, "VmRSS")
+        finally:
+            stop(agent)
+            broker.stop()
+        print(f"idle: RSS {rss:.1f} MB; CPU {cpu / wall * 100:.2f} % of one core over {wall:.0f} s")
+
+
+def bench_size(args: argparse.Namespace) -> None:
+    """Bytes of buffer (database + WAL) per small event, batched and one by one."""
+    for label, per_commit in (("batches of 500", 500), ("one event a commit", 1)):
+        with tempfile.TemporaryDirectory(prefix="bench-size-") as tmp:
+            outbox = Outbox(Path(tmp) / "buffer.db", tenant="acme", store="sh-0012", agent="till-pc-1").start()
+            n = args.events if per_commit > 1 else min(args.events, 20_000)
+            for i in range(0, n, per_commit):
+                outbox.commit_sync(small_events(per_commit, i))
+            body = outbox.bytes / n
+            outbox.close()
+            size = sum(p.stat().st_size for p in Path(tmp).iterdir() if p.name.startswith("buffer.db"))
+            print(f"size: {n:,} small events ({label}): {size / n:.0f} bytes of buffer file per event "
+                  f"(envelope + row {body:.0f} bytes)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["ingest", "drain", "latency", "idle", "size", "all"])
+    parser.add_argument("--events", type=int, default=None)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    defaults = {"ingest": 500_000, "drain": 1_000_000, "size": 100_000}
+    todo = ["ingest", "size", "idle", "latency", "drain"] if args.what == "all" else [args.what]
+    events = args.events
+    for what in todo:
+        args.events = events or defaults.get(what, 0)
+        globals()[f"bench_{what}"](args)
+        sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
