@@ -184,8 +184,27 @@ class Agent:
         log.info("stopped")
 
 
+def tune_malloc() -> None:
+    """Keep glibc's heap from holding on to the big buffers a drain passes through.
+
+    Batches and chunks are 100-300 KB bytes objects. glibc raises its mmap threshold each time such
+    a block is freed, after which they come from the heap, interleave with long-lived objects and
+    are never given back: RSS doubled during a 1M-event drain. A fixed threshold keeps them in
+    their own mappings, returned on free; two arenas are plenty for the agent's few threads.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixed: disables the dynamic threshold)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def run(cfg: AgentConfig) -> int:
     """Run the daemon in the foreground; returns the exit status."""
+    tune_malloc()
     try:
         import uvloop
 
