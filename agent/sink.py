@@ -76,3 +76,7 @@ class DeviceHealth(Protocol):
     """Where drivers report whether their device is up (shown by `status`, `doctor`, /metrics)."""
 
     def report(self, kind: str, name: str, up: bool, error: str | None = None) -> None: ...
+
+    def seen(self, kind: str, name: str) -> None:
+        """The device produced an event just now (its `last_event` in `status`)."""
+        ...

@@ -53,7 +53,6 @@ class StxEtxDriver:
         self.source = f"pos:{cfg.name}"
         self.link = link or SerialLink(cfg.port, cfg.baudrate, kind="pos", name=cfg.name, health=health)
         self._clock = clock
-        self._seen = getattr(health, "seen", None)  # HealthBoard keeps the time of the last event
         self._full = False
         self._nak_logged = float("-inf")
         self._naks_unlogged = 0
@@ -129,8 +128,7 @@ class StxEtxDriver:
             # a resent invalid frame is the same bytes: keep it once, like a resent transaction
             dedup = Dedup(namespace=f"pos-invalid:{self.cfg.name}", key=hashlib.sha256(payload).hexdigest())
         committed = await self.sink.commit([event], dedup=dedup)
-        if self._seen is not None:
-            self._seen("pos", self.cfg.name)
+        self.health.seen("pos", self.cfg.name)
         return committed.duplicate
 
     async def _send(self, answer: bytes) -> None:

@@ -235,7 +235,6 @@ class ReceiptTap:
         self.receipts = 0
         self.replies_dropped = 0
         self._fmt = UtcFormatter()
-        self._seen = getattr(health, "seen", None)
         self._printer_drops_reported = 0
 
     def _buffer_state(self, ok: bool, error: str | None) -> None:
@@ -353,8 +352,7 @@ class ReceiptTap:
         self.queue.put(Event("pos.receipt", self.receipt_data(lines, partial), self.source,
                              self._fmt.format(int(self.clock() * 1000))))
         self.receipts += 1
-        if self._seen is not None:
-            self._seen("pos", self.cfg.name)
+        self.health.seen("pos", self.cfg.name)
 
     def receipt_data(self, lines: list[str], partial: bool = False) -> dict:
         """The event's `data`: the lines, plus every configured field that matched."""

@@ -187,7 +187,6 @@ class ScannerDriver:
         self.reads = 0
         self.bytes_in = 0
         self._fmt = UtcFormatter()
-        self._seen = getattr(health, "seen", None)
 
     @property
     def opens(self) -> int:
@@ -257,8 +256,7 @@ class ScannerDriver:
         for raw in reads:
             self.queue.put(Event("scan.read", scan_object(raw), self.source, ts))
         self.reads += len(reads)
-        if self._seen is not None:
-            self._seen("scanner", self.cfg.name)
+        self.health.seen("scanner", self.cfg.name)
 
 
 def scan_object(raw: bytes) -> dict:
