@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import secrets
 import time
@@ -65,8 +66,21 @@ class Scanner(Protocol):
 ScannerFactory = Callable[[str, str, Callback], Scanner]
 
 
+def system_bus_path() -> str | None:
+    """The D-Bus system bus socket BlueZ is reached through (None when the address is not a path)."""
+    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+    for part in address.split(";")[0].removeprefix("unix:").split(","):
+        if part.startswith("path="):
+            return part[5:]
+    return None
+
+
 def bleak_scanner(adapter: str, mode: str, callback: Callback) -> Scanner:
-    """A BleakScanner on BlueZ adapter `adapter` in `mode` ("passive" or "active")."""
+    """A BleakScanner on BlueZ adapter `adapter` in `mode` ("passive" or "active").
+
+    Without a system bus there is no BlueZ to talk to: say so at once rather than let bleak try
+    (cancelling bleak while it connects to a bus that is not there can leave its start hanging).
+    """
     from bleak import BleakScanner  # backends load lazily; keep import cost off module import
     from bleak.args.bluez import BlueZScannerArgs, OrPattern
     from bleak.assigned_numbers import AdvertisementDataType
@@ -74,8 +88,29 @@ def bleak_scanner(adapter: str, mode: str, callback: Callback) -> Scanner:
     if mode == "passive":
         patterns = [OrPattern(0, AdvertisementDataType.FLAGS, bytes([flags])) for flags in PASSIVE_FLAGS]
         args = BlueZScannerArgs(adapter=adapter, or_patterns=patterns)
-        return BleakScanner(callback, scanning_mode="passive", bluez=args)
-    return BleakScanner(callback, scanning_mode="active", bluez=BlueZScannerArgs(adapter=adapter))
+        return _BusChecked(BleakScanner(callback, scanning_mode="passive", bluez=args))
+    return _BusChecked(BleakScanner(callback, scanning_mode="active", bluez=BlueZScannerArgs(adapter=adapter)))
+
+
+class _BusChecked:
+    """A BleakScanner whose start first checks that the system bus exists, and whose stop does
+    nothing unless it started (bleak's stop of a scanner that never started can hang)."""
+
+    def __init__(self, scanner: Scanner) -> None:
+        self._scanner = scanner
+        self._started = False
+
+    async def start(self) -> None:
+        bus = system_bus_path()
+        if bus is not None and not os.path.exists(bus):
+            raise FileNotFoundError(2, "no D-Bus system bus", bus)
+        await self._scanner.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._scanner.stop()
 
 
 def random_key() -> bytes:
@@ -267,7 +302,10 @@ class BleDriver:
             scanner: Scanner | None = None
             try:
                 scanner = self._factory(adapter, mode, self.on_advertisement)
-                await asyncio.wait_for(scanner.start(), START_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+                # arrives as the inner call fails, and the driver would then never stop
+                async with asyncio.timeout(START_TIMEOUT_S):
+                    await scanner.start()
             except Exception as exc:
                 error = describe(exc)
                 if scanner is not None:
@@ -298,6 +336,7 @@ class BleDriver:
 
     async def _stop(self, scanner: Scanner, adapter: str) -> None:
         try:
-            await asyncio.wait_for(scanner.stop(), STOP_TIMEOUT_S)
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await scanner.stop()
         except Exception as exc:  # a scanner that lost its adapter may fail to stop: it is gone anyway
             log.debug("BLE scanner on %s did not stop cleanly: %s", adapter, describe(exc))

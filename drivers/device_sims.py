@@ -73,7 +73,8 @@ async def wait_fd(fd: int, *, write: bool, timeout: float | None = None) -> bool
 
     (loop.add_writer if write else loop.add_reader)(fd, ready)
     try:
-        await asyncio.wait_for(fut, timeout)
+        async with asyncio.timeout(timeout):
+            await fut
         return True
     except TimeoutError:
         return False

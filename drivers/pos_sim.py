@@ -158,7 +158,8 @@ class PosSimulator:
         ready = loop.create_future()
         loop.add_reader(self.fd, lambda: ready.done() or ready.set_result(None))
         try:
-            await asyncio.wait_for(ready, timeout)
+            async with asyncio.timeout(timeout):
+                await ready
             return True
         except TimeoutError:
             return False

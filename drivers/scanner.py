@@ -160,7 +160,8 @@ class CommitQueue:
             return
         batch: Sequence[Event] = list(self.pending)
         try:
-            await asyncio.wait_for(self.sink.commit(batch), timeout)
+            async with asyncio.timeout(timeout):
+                await self.sink.commit(batch)
         except (Exception, asyncio.CancelledError) as exc:
             log.error("%s: stopping with %d events not committed (%s): %s", self.label, len(batch),
                       describe_error(exc) or type(exc).__name__,
@@ -233,7 +234,8 @@ class ScannerDriver:
         read = self.link.read
         while True:
             try:
-                data = await asyncio.wait_for(read(), LIVENESS_S)
+                async with asyncio.timeout(LIVENESS_S):  # not wait_for: 3.11's can swallow a cancel
+                    data = await read()
             except TimeoutError:
                 if device_node(self.cfg.port) != node:
                     # udev moved the by-id link to a new node while the old one stayed quiet

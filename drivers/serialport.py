@@ -178,7 +178,8 @@ class SerialLink:
         add, remove = (loop.add_writer, loop.remove_writer) if writing else (loop.add_reader, loop.remove_reader)
         add(fd, wake)
         try:
-            await asyncio.wait_for(ready, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: 3.11's can swallow a cancel
+                await ready
             return True
         except TimeoutError:
             return False

@@ -227,20 +227,13 @@ class DailyKey:
 
 
 class _Track:
-    """One tag or one anonymous address: its smoothed RSSI per receiver and where it is.
+    """One tag or one anonymous address: its smoothed RSSI per receiver and where it is."""
 
-    The first receiver's reading is kept in slots and any other's in `others`: most devices
-    are heard by one receiver, and a small object keeps thousands of them cache-friendly.
-    """
+    __slots__ = ("readings", "last_heard", "zone", "zone_since", "arrived", "last_seen")
 
-    __slots__ = ("rx", "rssi", "heard", "others", "last_heard", "zone", "zone_since", "arrived", "last_seen")
-
-    def __init__(self, rx: str, rssi: float, now: float) -> None:
-        self.rx = rx  # the first receiver that heard it, with its smoothed RSSI and last report
-        self.rssi = rssi
-        self.heard = now
-        self.others: dict[str, list[float]] | None = None  # receiver -> [smoothed RSSI, last heard]
-        self.last_heard = now
+    def __init__(self) -> None:
+        self.readings: dict[str, list[float]] = {}  # receiver -> [smoothed RSSI, last heard]
+        self.last_heard = 0.0
         self.zone: str | None = None  # None: not (or no longer) placed in any zone
         self.zone_since = 0.0
         self.arrived = 0.0
@@ -321,11 +314,11 @@ class Presence:
             key = self._digest(address, now)
             track = self._anon.get(key)
             if track is None:
-                track = self._anon[key] = _Track(adapter, float(rssi), now)
+                track = self._anon[key] = _Track()
         else:
             entry = self._tags.get(tag.identity)
             if entry is None:
-                track = _Track(adapter, float(rssi), now)
+                track = _Track()
                 self._tags[tag.identity] = (track, tag)
             else:
                 track = entry[0]
@@ -333,25 +326,18 @@ class Presence:
         if track.zone is not None and now - track.last_seen >= leave_after:
             self._leave(track, tag)  # timed out before tick saw it: a new visit starts now
 
-        if track.rx == adapter:
-            if now - track.heard >= leave_after:
-                track.rssi = float(rssi)  # no recent reading to smooth against
-            else:
-                track.rssi += self._alpha * (rssi - track.rssi)
-            track.heard = now
+        reading = track.readings.get(adapter)
+        if reading is None:
+            track.readings[adapter] = reading = [float(rssi), now]
         else:
-            others = track.others
-            if others is None:
-                others = track.others = {}
-            reading = others.get(adapter)
-            if reading is None or now - reading[1] >= leave_after:
-                others[adapter] = [float(rssi), now]
+            if now - reading[1] >= leave_after:
+                reading[0] = float(rssi)  # no recent reading to smooth against
             else:
                 reading[0] += self._alpha * (rssi - reading[0])
-                reading[1] = now
+            reading[1] = now
         track.last_heard = now
 
-        zone = self._zone_of(track, now) if track.others else self._zone_of_single(track)
+        zone = self._zone_of(track, reading[0], now)
         if zone is None:
             return  # heard but placed nowhere: the visit (if any) ends when it times out
         track.last_seen = now
@@ -390,37 +376,25 @@ class Presence:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _zone_of_single(self, track: _Track) -> str | None:
-        # Heard by one receiver only: a zone of another receiver cannot take it.
-        value, rx, current = track.rssi, track.rx, track.zone
-        for name, adapter, min_rssi, hysteresis in self._zones:
-            if adapter is not None and adapter != rx:
-                continue
-            if min_rssi is not None and value + (hysteresis if name == current else 0.0) < min_rssi:
-                continue
-            return name
-        return None
-
-    def _zone_of(self, track: _Track, now: float) -> str | None:
-        limit = now - self._leave_after
-        others = track.others
-        assert others is not None
-        for adapter in [a for a, (_, heard) in others.items() if heard <= limit]:
-            del others[adapter]  # a receiver that lost it has no say
-        levels = {a: r[0] for a, r in others.items()}
-        if track.heard > limit:
-            levels[track.rx] = track.rssi
-        best = max(levels.values())
+    def _zone_of(self, track: _Track, value: float, now: float) -> str | None:
+        readings = track.readings
+        if len(readings) == 1:
+            best = value  # one receiver: the reading just taken
+        else:
+            limit = now - self._leave_after
+            for adapter in [a for a, (_, heard) in readings.items() if heard <= limit]:
+                del readings[adapter]  # a receiver that lost it has no say
+            best = max(r[0] for r in readings.values())
         current = track.zone
         for name, adapter, min_rssi, hysteresis in self._zones:
             slack = hysteresis if name == current else 0.0
             if adapter is None:
                 level = best
             else:
-                found = levels.get(adapter)
-                if found is None:
+                reading = readings.get(adapter)
+                if reading is None:
                     continue
-                level = found
+                level = reading[0]
                 if level + slack < best:
                     continue  # another receiver hears it better
             if min_rssi is not None and level + slack < min_rssi:
