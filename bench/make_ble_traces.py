@@ -281,14 +281,19 @@ def write(name: str, records: list[dict]) -> Path:
 
 
 def main() -> None:
+    made: dict[str, list[dict]] = {}
     for name, make in (
         ("ble_door.jsonl", door_trace),
         ("ble_aisle.jsonl", aisle_trace),
         ("ble_staff.jsonl", staff_trace),
     ):
         rng = random.Random(f"{SEED}:{name}")
-        path = write(name, make(rng))
+        made[name] = make(rng)
+        path = write(name, list(made[name]))
         print(f"{path}: {path.stat().st_size / 1024:.0f} KiB")
+    # the demo store: phones at the door plus staff badges, baskets and the member app
+    path = write("ble_store.jsonl", made["ble_door.jsonl"] + made["ble_staff.jsonl"])
+    print(f"{path}: {path.stat().st_size / 1024:.0f} KiB")
 
 
 if __name__ == "__main__":
