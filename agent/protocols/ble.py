@@ -18,9 +18,10 @@ Specifications followed (they win over what libraries do):
 
 from __future__ import annotations
 
-import binascii
 import re
 from collections.abc import Mapping
+
+from agent.protocols.hextext import parse_hex
 
 __all__ = [
     "BleParseError",
@@ -130,13 +131,10 @@ def frames_from_bleak(
 
 def decode_ble_hex(text: str) -> dict:
     """Decode advertising data given as hex (spaces, colons and a 0x prefix allowed)."""
-    cleaned = re.sub(r"[\s:]", "", text)
-    if cleaned[:2].lower() == "0x":
-        cleaned = cleaned[2:]
     try:
-        data = binascii.unhexlify(cleaned)
-    except (binascii.Error, ValueError) as exc:
-        raise BleParseError(f"not hex: {exc}") from None
+        data = parse_hex(text)
+    except ValueError as exc:
+        raise BleParseError(str(exc)) from None
     return {"frames": frames_from_ad(data)}
 
 

@@ -22,7 +22,6 @@ Decisions where the contract is silent:
 
 from __future__ import annotations
 
-import binascii
 import calendar
 import re
 from functools import lru_cache
@@ -32,6 +31,8 @@ from biip import ParseError
 from biip.checksums import gs1_standard_check_digit
 from biip.gs1_application_identifiers import GS1ApplicationIdentifier
 from biip.upc import Upc
+
+from agent.protocols.hextext import parse_hex
 
 __all__ = ["ScanFramer", "ScanParseError", "decode_scan", "decode_scan_hex"]
 
@@ -376,13 +377,10 @@ def decode_scan(raw: bytes) -> dict:
 
 def decode_scan_hex(text: str) -> dict:
     """Decode a read given as hex (spaces, colons and a 0x prefix allowed)."""
-    cleaned = re.sub(r"[\s:]", "", text)
-    if cleaned[:2].lower() == "0x":
-        cleaned = cleaned[2:]
     try:
-        data = binascii.unhexlify(cleaned)
-    except (binascii.Error, ValueError) as exc:
-        raise ScanParseError(f"not hex: {exc}") from None
+        data = parse_hex(text)
+    except ValueError as exc:
+        raise ScanParseError(str(exc)) from None
     return decode_scan(data)
 
 
