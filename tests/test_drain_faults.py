@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import signal
 
+import paho.mqtt.publish as publish
+
 from agent.core.envelope import Event
 from agent.outbox import Outbox
-from tests.agentproc import AgentProcess, wait_until, write_config
+from tests.agentproc import AgentProcess, write_config
 from tests.mosquitto import Mosquitto, free_port
 from tests.subscriber import Collector
 
@@ -31,11 +33,17 @@ def test_broker_killed_mid_drain_loses_nothing(tmp_path):
     second = None
     try:
         assert first.wait_for(lambda c: len(c.events) >= 2_000, 30), agent.log_text()[-2000:]
-        broker.kill()
-        assert len(first.ids()) < EVENTS, "the kill must come mid-drain"
-        # hold the agent still while the broker comes back, so that the new subscriber is in place
-        # before the agent can publish again (otherwise the broker would drop what nobody subscribed to)
+        # freeze the agent mid-drain, then let the subscriber catch up with what the broker already
+        # took (a marker published after it arrives after it): a broker killed with acknowledged
+        # messages still queued for a slow subscriber loses them, and that is the broker's loss
         os.kill(agent.pid, signal.SIGSTOP)
+        publish.single("retail/acme/s1/a1/up/marker", b'{"agent":"marker","events":[]}', qos=1,
+                       hostname="127.0.0.1", port=port)
+        assert first.wait_for(lambda c: "retail/acme/s1/a1/up/marker" in c.by_topic, 30)
+        broker.kill()  # with batches in flight: published, or acknowledged but not yet seen by the agent
+        assert len(first.ids()) < EVENTS, "the kill must come mid-drain"
+        # the agent stays frozen while the broker comes back, so that the new subscriber is in place
+        # before it can publish again (the broker drops what nobody subscribed to)
         first.stop()
         broker.start()
         second = Collector(port, "retail/acme/s1/a1/up/#", client_id="c2").start()
@@ -49,8 +57,9 @@ def test_broker_killed_mid_drain_loses_nothing(tmp_path):
         by_id = {}
         for e in got:
             assert by_id.setdefault(e["id"], e["seq"]) == e["seq"]
-        assert "connected to broker" in agent.log_text()
-        assert wait_until(lambda: "lost the broker connection" in agent.log_text(), 5)
+        # it noticed the loss and connected again by itself (the loss shows either way it is seen:
+        # a failed read, or a failed publish)
+        assert agent.log_text().count("connected to broker") >= 2
     finally:
         if agent.alive():
             os.kill(agent.pid, signal.SIGCONT)
