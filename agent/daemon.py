@@ -61,9 +61,8 @@ class Agent:
             return 1
         await asyncio.to_thread(self.outbox.open)
         self.outbox.start()
-        self.uplink = Uplink(self.cfg, self.outbox)
-        self.reporter = StatusReporter(self.outbox, self.uplink, self.health)
-        self.uplink._metrics = self.reporter.metrics
+        self.reporter = reporter = StatusReporter(self.outbox, None, self.health)
+        self.uplink = reporter.uplink = Uplink(self.cfg, self.outbox, metrics=reporter.metrics)
         self.uplink.start()
         self._check_mqtt_security()
         try:

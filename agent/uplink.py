@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -53,7 +53,6 @@ class UplinkStatus:
     next_attempt_s: float | None = None
     published_batches: int = 0
     inflight: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def make_client(cfg: AgentConfig, state_topic: str, offline: bytes) -> mqtt.Client:
@@ -221,14 +220,16 @@ class Uplink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.max_inflight_messages_set(self.cfg.mqtt.inflight + 2)
+        host = self.cfg.mqtt.host
+        assert host is not None  # _run does not connect without one
         try:
             if self.cfg.mqtt.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = 0
-                client.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive_s,
+                client.connect(host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive_s,
                                clean_start=True, properties=props)
             else:
-                client.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive_s)
+                client.connect(host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive_s)
         except ssl.SSLError as exc:
             raise BrokerUnavailable(f"TLS handshake failed: {exc.reason or exc}") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
@@ -238,7 +239,7 @@ class Uplink:
         except (OSError, ValueError) as exc:
             raise BrokerUnavailable(str(exc) or type(exc).__name__) from None
         sock = client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket | ssl.SSLSocket):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:

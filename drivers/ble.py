@@ -86,7 +86,9 @@ def bleak_scanner(adapter: str, mode: str, callback: Callback) -> Scanner:
     from bleak.assigned_numbers import AdvertisementDataType
 
     if mode == "passive":
-        patterns = [OrPattern(0, AdvertisementDataType.FLAGS, bytes([flags])) for flags in PASSIVE_FLAGS]
+        patterns: list[OrPattern | tuple[int, AdvertisementDataType, bytes]] = [
+            OrPattern(0, AdvertisementDataType.FLAGS, bytes([flags])) for flags in PASSIVE_FLAGS
+        ]
         args = BlueZScannerArgs(adapter=adapter, or_patterns=patterns)
         return _BusChecked(BleakScanner(callback, scanning_mode="passive", bluez=args))
     return _BusChecked(BleakScanner(callback, scanning_mode="active", bluez=BlueZScannerArgs(adapter=adapter)))

@@ -156,7 +156,7 @@ class PosSimulator:
     async def _readable(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
-        loop.add_reader(self.fd, lambda: ready.done() or ready.set_result(None))
+        loop.add_reader(self.fd, lambda: None if ready.done() else ready.set_result(None))
         try:
             async with asyncio.timeout(timeout):
                 await ready

@@ -13,7 +13,7 @@ from tests.agentproc import AgentProcess, write_config
 from tests.mosquitto import Mosquitto, free_port
 from tests.subscriber import Collector
 
-EVENTS = 30_000
+EVENTS = 100_000  # big enough that the freeze comes mid-drain even with a lagging subscriber
 
 
 def test_broker_killed_mid_drain_loses_nothing(tmp_path):

@@ -382,8 +382,8 @@ class Presence:
             best = value  # one receiver: the reading just taken
         else:
             limit = now - self._leave_after
-            for adapter in [a for a, (_, heard) in readings.items() if heard <= limit]:
-                del readings[adapter]  # a receiver that lost it has no say
+            for stale in [a for a, (_, heard) in readings.items() if heard <= limit]:
+                del readings[stale]  # a receiver that lost it has no say
             best = max(r[0] for r in readings.values())
         current = track.zone
         for name, adapter, min_rssi, hysteresis in self._zones:
