@@ -109,7 +109,7 @@ def run_checks(cfg: AgentConfig, echo: Callable[[str], None] | None = None) -> b
     """Print each check; True when none failed."""
     from rich.console import Console
 
-    console = Console()
+    console = Console(soft_wrap=True)  # one line a check, however narrow the terminal
     say = echo or console.print
     checks: list[Check] = [("PASS", "config", "valid")]
     checks += check_data_dir(cfg)
