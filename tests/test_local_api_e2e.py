@@ -9,9 +9,7 @@ one the retry's answer names.
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +21,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.agentproc import AgentProcess as SharedAgentProcess
 from tests.mosquitto import Mosquitto, free_port
 from tests.subscriber import Collector
 
@@ -32,32 +31,29 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PER_REQUEST = 50
 
 
-class AgentProcess:
-    """`store-agent run --config FILE` as a subprocess, killable and restartable on the same data dir."""
+class AgentProcess(SharedAgentProcess):
+    """The shared agent process with its local API on a free port; `start` waits for /healthz."""
 
     def __init__(self, tmp: Path, broker_port: int) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (tmp / "token").write_text(TOKEN + "\n")
-        self.config = tmp / "agent.toml"
-        self.config.write_text(
+        config = tmp / "agent.toml"
+        config.write_text(
             f'[agent]\ntenant = "acme"\nstore = "s1"\nid = "a1"\ndata_dir = "{tmp / "data"}"\n'
             f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntls = false\n'
             f'[local_api]\nlisten = "127.0.0.1:{self.port}"\ntoken_file = "{tmp / "token"}"\n'
             '[log]\nlevel = "warning"\n'
         )
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(config, tmp / "agent.log")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("STORE_AGENT")}
 
     def start(self) -> AgentProcess:
-        log = open(self.tmp / "agent.log", "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STORE_AGENT")}
-        self.proc = subprocess.Popen([str(AGENT), "run", "--config", str(self.config)], stdout=log, stderr=log,
-                                     env=env)
-        log.close()
+        super().start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.tmp / "agent.log").read_text()[-2000:]
+            assert self.alive(), self.log_text()[-2000:]
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
@@ -67,18 +63,7 @@ class AgentProcess:
         raise AssertionError("the agent did not answer /healthz within 20 s")
 
     def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.kill()
 
 
 @pytest.fixture

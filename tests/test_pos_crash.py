@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.core.envelope import Event
 from agent.outbox import Outbox
 from agent.protocols.stxetx import ACK, NAK, encode_frame
+from tests.agentproc import AgentProcess as SharedAgentProcess
 from tests.mosquitto import Mosquitto
 from tests.subscriber import Collector
 
@@ -100,42 +101,26 @@ class Broker(Mosquitto):
         wait_until(lambda: self.db.exists() and self.db.stat().st_mtime_ns != before, 10, "broker database save")
 
 
-class AgentProcess:
-    """`store-agent run --config FILE` as a child process."""
+class AgentProcess(SharedAgentProcess):
+    """The shared agent process, counting its starts; a kill refuses an agent that died by itself."""
 
     def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(config, log)
         self.starts = 0
 
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(AGENT), "run", "--config", str(self.config)],
-                                         stdout=log, stderr=log, start_new_session=True)
+    def start(self) -> AgentProcess:
+        super().start()
         self.starts += 1
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self
 
     def kill9(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"the agent died by itself ({self.proc.returncode}): {self.tail()}")
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.kill()
 
     def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+        return self.log_text()[-3000:]
 
 
 class Till(threading.Thread):
