@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import tty
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from agent.outbox import Outbox
 from agent.protocols.stxetx import ACK, NAK, encode_frame
 from tests.agentproc import AgentProcess as SharedAgentProcess
 from tests.mosquitto import Mosquitto
+from tests.ptys import Pty
 from tests.subscriber import Collector
 
 pytestmark = pytest.mark.slow
@@ -205,22 +205,6 @@ def sale(n: int, pad: int = 0) -> dict[str, Any]:
     items = [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50", "name": "x" * 40}] * max(1, pad)
     return {"txn_id": f"R1-{n:06d}", "register": "R1", "ts": "2026-11-23T16:15:02+08:00", "kind": "sale",
             "items": items, "total": f"{12.5 * len(items):.2f}", "currency": "CNY", "member_id": "M000123"}
-
-
-class Pty:
-    """A pty pair kept open by the test across agent restarts (the agent opens the slave's path)."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(self.slave)
-        os.set_blocking(self.master, False)
-        self.path = os.ttyname(self.slave)
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def write_config(tmp_path: Path, broker_port: int, pty_path: str | None, **sections: dict[str, Any]) -> Path:

@@ -9,7 +9,6 @@ import os
 import sqlite3
 import struct
 import termios
-import tty
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from agent.outbox import Outbox, read_chunks
 from agent.protocols.stxetx import ACK, MAX_PAYLOAD, NAK, encode_frame
 from agent.sink import BufferFull, Committed, Dedup
 from drivers.pos import StxEtxDriver
+from tests.ptys import Pty
 
 A = bytes([ACK])
 N = bytes([NAK])
@@ -40,15 +40,8 @@ def frame(obj: Any) -> bytes:
     return encode_frame(orjson.dumps(obj))
 
 
-class Line:
+class Line(Pty):
     """The POS end of a real pty: the test writes frames to the master and reads the answers."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(self.slave)  # raw before the driver opens it: no echo, no CR/LF mangling
-        os.set_blocking(self.master, False)
-        self.path = os.ttyname(self.slave)
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -85,11 +78,6 @@ class Line:
                 raise AssertionError(f"no answer within {timeout} s (got {got!r})")
             await asyncio.sleep(0.002)
         return got
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -26,7 +26,8 @@ from drivers.device_sims import (
     write_all,
 )
 from drivers.receipt_tap import ReceiptTap
-from tests.test_scanner_driver import Pty, run, stored, until
+from tests.ptys import Pty
+from tests.test_scanner_driver import run, stored, until
 
 
 @pytest.fixture

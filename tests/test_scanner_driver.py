@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import tty
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from agent.protocols.scan import decode_scan
 from agent.sink import BufferFull
 from drivers.device_sims import ScannerSimulator, scanner_reads, write_all
 from drivers.scanner import CommitQueue, ScannerDriver
+from tests.ptys import Pty
 
 GS = b"\x1d"
 
@@ -34,24 +34,6 @@ READS = [
     (b"]Q1PK483920", None),  # a pickup code
     (b"4006381333931", "04006381333931"),  # Wikipedia's EAN-13 example, no AIM prefix
 ]
-
-
-class Pty:
-    """A pseudo-terminal in raw mode; the test keeps the slave open, as the registry does."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(self.slave)
-        os.set_blocking(self.master, False)
-        self.path = os.ttyname(self.slave)
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 @pytest.fixture
