@@ -407,7 +407,10 @@ class Outbox:
                         settled.append((item.done, outcome))
                 elif isinstance(item, _Ack):
                     for chunk in item.chunks:
-                        staged.deletes.append((chunk.seq,))
+                        # the cap may have dropped a low-priority chunk while it was in flight:
+                        # only rows really deleted here leave the accounts
+                        if not conn.execute("DELETE FROM chunks WHERE seq=?", (chunk.seq,)).rowcount:
+                            continue
                         size = len(chunk.body) + ROW_OVERHEAD
                         state.count -= chunk.n
                         state.bytes -= size
@@ -567,11 +570,10 @@ class Outbox:
 class _Staged:
     """Writes gathered during one group, flushed with executemany."""
 
-    __slots__ = ("rows", "deletes", "dedups")
+    __slots__ = ("rows", "dedups")
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, int, str, int, bytes]] = []
-        self.deletes: list[tuple[int]] = []
         self.dedups: list[tuple[str, str, int, float, bytes]] = []
 
     def dedup_hit(self, dedup: Dedup) -> tuple[bytes] | None:
@@ -587,9 +589,6 @@ class _Staged:
         if self.rows:
             conn.executemany("INSERT INTO chunks(seq, n, stream, prio, body) VALUES(?,?,?,?,?)", self.rows)
             self.rows.clear()
-        if self.deletes:
-            conn.executemany("DELETE FROM chunks WHERE seq=?", self.deletes)
-            self.deletes.clear()
 
 
 def _chunk_row(first_seq: int, envelopes: list[bytes], stream: str) -> tuple[int, int, str, int, bytes]:

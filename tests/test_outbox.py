@@ -126,6 +126,22 @@ def test_acked_chunks_are_deleted_and_accounted(outbox):
     assert outbox.bytes == total
 
 
+def test_a_chunk_dropped_by_the_cap_while_in_flight_is_not_counted_twice(tmp_path):
+    ob = Outbox(tmp_path / "b.db", max_bytes=64 * 1024).open().start()
+    pad = "x" * 300
+    ob.commit_sync([Event("traffic.summary", {"i": -1, "pad": pad}, "ble")])
+    in_flight = read_chunks(ob.read_conn(), 0, 1)  # the uplink has read (and published) it
+    for i in range(300):  # the cap drops the oldest traffic, the chunk in flight among them
+        ob.commit_sync([Event("traffic.summary", {"i": i, "pad": pad}, "ble")])
+    assert in_flight[0].seq not in [c.seq for c in read_chunks(ob.read_conn(), 0, 10_000)]
+    ob.acked(in_flight)  # its PUBACK arrives after the cap dropped it
+    ob.flush()
+    rows = read_chunks(ob.read_conn(), 0, 10_000)
+    assert ob.count == sum(c.n for c in rows)
+    assert ob.bytes == sum(len(c.body) + ROW_OVERHEAD for c in rows)
+    ob.close()
+
+
 def test_corrupt_buffer_is_moved_aside_and_reported(tmp_path):
     path = tmp_path / "buffer.db"
     ob = Outbox(path).open().start()
