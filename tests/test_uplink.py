@@ -56,7 +56,8 @@ def test_backlog_arrives_in_seq_order_per_stream_and_leaves_the_buffer(tmp_path,
                 per_stream[stream] += [e["seq"] for e in batch["events"]]
         for stream, seqs in per_stream.items():
             assert seqs == sorted(seqs), f"{stream} out of order"
-        assert len(collector.ids()) == 40 * 22, "each event once, no duplicates without faults"
+        assert len(collector.ids()) == 40 * 22
+        assert len(collector.events) == 40 * 22, "each event once: no duplicates without faults"
         # online retained state was published
         states = [orjson.loads(p) for t, p, _ in collector.messages if t.endswith("/state")]
         assert states and states[0]["online"] is True
