@@ -1,6 +1,6 @@
 """Housekeeping the daemon runs every hour in the buffer's writer: forgetting old dedup keys.
 
-POS `(register, txn_id)` keys must be remembered at least 7 days after their event was *sent*
+POS `(register, txn_id)` keys (and the payload hashes of `pos.invalid` frames) must be remembered at least 7 days after their event was *sent*
 (contract 4.1). Sending deletes the event, so each hour a watermark records "everything up to seq
 S had left the buffer at time T"; a POS key may go once a watermark at least 7 days old covers
 its seq. Idempotency-Keys of the local API go 48 h after they were stored.
@@ -34,7 +34,9 @@ def prune_pos_keys(conn: sqlite3.Connection, now: float, keep_s: float = POS_KEE
     ).fetchone()
     if row is None:
         return 0
-    deleted = conn.execute("DELETE FROM dedup WHERE ns LIKE 'pos:%' AND seq <= ?", (row[0],)).rowcount
+    deleted = conn.execute(
+        "DELETE FROM dedup WHERE (ns LIKE 'pos:%' OR ns LIKE 'pos-invalid:%') AND seq <= ?", (row[0],)
+    ).rowcount
     # the watermark just used is kept: it is the one later prunes start from
     conn.execute("DELETE FROM watermarks WHERE ts < (SELECT max(ts) FROM watermarks WHERE ts <= ?)", (now - keep_s,))
     return deleted

@@ -10,6 +10,7 @@ def test_pos_keys_are_kept_7_days_after_their_event_was_sent(tmp_path):
     clock = [1_000_000.0]
     ob = Outbox(tmp_path / "b.db", clock=lambda: clock[0]).open().start()
     ob.commit_sync([Event("pos.sale", {}, "pos:1")], Dedup("pos:R1", "T1"))
+    ob.commit_sync([Event("pos.invalid", {}, "pos:1")], Dedup("pos-invalid:front-1", "sha256-of-payload"))
     ob.call(lambda c: hourly(c, clock[0]))  # T1 not sent yet: the watermark does not cover it
     clock[0] += 10 * DAY  # offline for 10 days
     ob.call(lambda c: hourly(c, clock[0]))
@@ -23,7 +24,7 @@ def test_pos_keys_are_kept_7_days_after_their_event_was_sent(tmp_path):
     assert ob.commit_sync([Event("pos.sale", {}, "pos:1")], Dedup("pos:R1", "T1")).duplicate
     clock[0] += 2 * 3600
     result = ob.call(lambda c: hourly(c, clock[0]))
-    assert result["pos_keys_pruned"] == 1
+    assert result["pos_keys_pruned"] == 2  # the transaction's key and the invalid frame's
     assert not ob.commit_sync([Event("pos.sale", {}, "pos:1")], Dedup("pos:R1", "T1")).duplicate
     ob.close()
 
