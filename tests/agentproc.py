@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.core.envelope import Event
+from agent.outbox import Outbox
+
 STORE_AGENT = str(Path(sys.executable).with_name("store-agent"))
 
 
@@ -88,6 +91,18 @@ class AgentProcess:
                 return needle in self.log_text()
             time.sleep(0.02)
         return False
+
+
+def prefill(data_dir: Path, events: list[Event], *, batch: int = 500, chunk_events: int = 500) -> list[str]:
+    """Commit `events` into the agent's own buffer file (acme/s1/a1) before it starts; their ids."""
+    outbox = Outbox(data_dir / "buffer.db", tenant="acme", store="s1", agent="a1", chunk_events=chunk_events).start()
+    ids: list[str] = []
+    try:
+        for start in range(0, len(events), batch):
+            ids += outbox.commit_sync(events[start : start + batch]).ids
+        return ids
+    finally:
+        outbox.close()
 
 
 def status_json(config: Path) -> dict[str, Any]:

@@ -8,8 +8,7 @@ import subprocess
 import pytest
 
 from agent.core.envelope import Event
-from agent.outbox import Outbox
-from tests.agentproc import STORE_AGENT, write_config
+from tests.agentproc import STORE_AGENT, prefill, write_config
 from tests.mosquitto import free_port
 from tests.subscriber import Collector
 
@@ -82,9 +81,7 @@ def test_decode_commands_print_one_json_object(tmp_path):
 
 def test_status_without_a_running_agent_reads_the_buffer(tmp_path):
     data = tmp_path / "data"
-    outbox = Outbox(data / "buffer.db").start()
-    outbox.commit_sync([Event("pos.sale", {}, "pos:1") for _ in range(7)])
-    outbox.close()
+    prefill(data, [Event("pos.sale", {}, "pos:1") for _ in range(7)])
     config = write_config(tmp_path / "agent.toml", data, free_port())
     state = json.loads(cli("status", "--json", "--config", str(config)).stdout)
     assert state["running"] is False and state["buffer"]["events"] == 7
@@ -94,9 +91,7 @@ def test_status_without_a_running_agent_reads_the_buffer(tmp_path):
 
 def test_drain_without_a_running_agent_sends_the_backlog(tmp_path, broker):
     data = tmp_path / "data"
-    outbox = Outbox(data / "buffer.db", tenant="acme", store="s1", agent="a1").start()
-    ids = outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1") for i in range(2000)]).ids
-    outbox.close()
+    ids = prefill(data, [Event("pos.sale", {"i": i}, "pos:1") for i in range(2000)], batch=2000)
     collector = Collector(broker.port, "retail/acme/s1/a1/up/#").start()
     config = write_config(tmp_path / "agent.toml", data, broker.port)
     try:
@@ -110,9 +105,7 @@ def test_drain_without_a_running_agent_sends_the_backlog(tmp_path, broker):
 
 def test_drain_with_the_broker_down_says_what_is_left(tmp_path):
     data = tmp_path / "data"
-    outbox = Outbox(data / "buffer.db").start()
-    outbox.commit_sync([Event("pos.sale", {}, "pos:1") for _ in range(3)])
-    outbox.close()
+    prefill(data, [Event("pos.sale", {}, "pos:1") for _ in range(3)])
     config = write_config(tmp_path / "agent.toml", data, free_port())
     out = cli("drain", "--timeout", "1", "--config", str(config))
     assert out.returncode == 1

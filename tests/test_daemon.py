@@ -9,8 +9,7 @@ import time
 import urllib.request
 
 from agent.core.envelope import Event
-from agent.outbox import Outbox
-from tests.agentproc import STORE_AGENT, AgentProcess, status_json, wait_until, write_config
+from tests.agentproc import STORE_AGENT, AgentProcess, prefill, status_json, wait_until, write_config
 from tests.mosquitto import free_port
 from tests.subscriber import Collector
 
@@ -67,9 +66,7 @@ def test_ready_watchdog_and_clean_sigterm(tmp_path, broker):
 
 def test_events_buffered_before_start_are_sent_and_a_second_agent_is_refused(tmp_path, broker):
     data = tmp_path / "data"
-    outbox = Outbox(data / "buffer.db", tenant="acme", store="s1", agent="a1").start()
-    ids = outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1") for i in range(100)]).ids
-    outbox.close()
+    ids = prefill(data, [Event("pos.sale", {"i": i}, "pos:1") for i in range(100)])
     collector = Collector(broker.port, "retail/acme/s1/a1/up/#").start()
     config = write_config(tmp_path / "agent.toml", data, broker.port)
     agent = AgentProcess(config, tmp_path / "agent.log").start()

@@ -8,8 +8,7 @@ import signal
 import paho.mqtt.publish as publish
 
 from agent.core.envelope import Event
-from agent.outbox import Outbox
-from tests.agentproc import AgentProcess, write_config
+from tests.agentproc import AgentProcess, prefill, write_config
 from tests.mosquitto import Mosquitto, free_port
 from tests.subscriber import Collector
 
@@ -21,11 +20,7 @@ def test_broker_killed_mid_drain_loses_nothing(tmp_path):
     port = free_port()
     config = write_config(tmp_path / "agent.toml", data, port, mqtt_extra="inflight = 4\nbatch_size = 100")
     # an offline backlog, committed into the agent's own buffer file before it starts
-    outbox = Outbox(data / "buffer.db", tenant="acme", store="s1", agent="a1", chunk_events=100).start()
-    expected = set()
-    for i in range(EVENTS // 500):
-        expected.update(outbox.commit_sync([Event("app.x", {"i": i * 500 + j}, "api") for j in range(500)]).ids)
-    outbox.close()
+    expected = set(prefill(data, [Event("app.x", {"i": i}, "api") for i in range(EVENTS)], chunk_events=100))
 
     broker = Mosquitto(tmp_path / "mq", port=port).start()
     first = Collector(port, "retail/acme/s1/a1/up/#", client_id="c1").start()
