@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent import __version__
+from agent.buffer import Outbox
 from agent.config import AgentConfig, ConfigError
 from agent.health import HealthBoard
-from agent.inspect import RunLock
-from agent.outbox import Outbox
+from agent.runlock import RunLock
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.status import StatusReporter
 from agent.uplink import Uplink
@@ -159,7 +159,7 @@ class Agent:
                           self.outbox.alive, self.uplink.alive if self.uplink else None)
 
     async def _maintenance(self) -> None:
-        from agent.maintenance import hourly
+        from agent.buffer.maintenance import hourly
 
         while True:
             result = await asyncio.to_thread(self.outbox.call, lambda conn: hourly(conn, time.time()))

@@ -58,7 +58,7 @@ class Committed:
 
 
 class EventSink(Protocol):
-    """Where events go. Implemented by `agent.outbox.Outbox`."""
+    """Where events go. Implemented by `agent.buffer.Outbox`."""
 
     async def commit(self, events: Sequence[Event], dedup: Dedup | None = None) -> Committed:
         """Commit durably (fsync'd) before returning; all or nothing. Raises BufferFull."""

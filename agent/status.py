@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import __version__
+from agent.buffer import Outbox
 from agent.health import HealthBoard
-from agent.outbox import Outbox
 from agent.uplink import Uplink
 
 

@@ -27,10 +27,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import __version__
+from agent.buffer import Chunk, Outbox, read_chunks
 from agent.config import AgentConfig, read_secret
 from agent.core.backoff import Backoff
 from agent.core.envelope import UtcFormatter, batch_bytes
-from agent.outbox import Chunk, Outbox, read_chunks
 
 log = logging.getLogger(__name__)
 

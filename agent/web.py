@@ -8,7 +8,7 @@ one call (its errors carry the event's index), so the per-event Python work is o
 
 An `Idempotency-Key` is stored through the outbox's `Dedup`, in the same transaction as the
 events: its stored result is the SHA-256 of the request body and the commit's id stems, from
-which the same 200 body is made again (see `agent.idempotency`), so a retry is answered from the
+which the same 200 body is made again (see `agent.buffer.idempotency`), so a retry is answered from the
 buffer file, across restarts, and a different body under the same key is told apart.
 """
 
@@ -32,10 +32,10 @@ from starlette.routing import Route
 from typing_extensions import TypedDict
 
 from agent import __version__
+from agent.buffer import Outbox
+from agent.buffer.idempotency import NAMESPACE, lookup, parse_result, stored_result
 from agent.config import AgentConfig, read_secret
 from agent.core.envelope import Event
-from agent.idempotency import NAMESPACE, lookup, parse_result, stored_result
-from agent.outbox import Outbox
 from agent.sink import BufferFull, Committed, Dedup
 from agent.status import StatusReporter
 from agent.uplink import Uplink

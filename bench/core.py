@@ -30,10 +30,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.buffer import Outbox  # noqa: E402
 from agent.core.envelope import Event  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
 from bench.local_api import cpu_seconds, memory_mb, subscriber  # noqa: E402
-from tests.mosquitto import Mosquitto, free_port  # noqa: E402
+from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / ".venv" / "bin" / "store-agent"

@@ -32,7 +32,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.mosquitto import Mosquitto, free_port  # noqa: E402
+from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / ".venv" / "bin" / "store-agent"

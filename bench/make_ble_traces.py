@@ -4,7 +4,7 @@
 
 The traces are recorded-style: what bleak's BlueZ backend reports (one record each time a
 device's properties change, here every few seconds per device and receiver), in the JSON
-lines format of drivers/ble_replay.py.
+lines format of drivers/sim/ble_replay.py.
 
 - ble_door.jsonl: one receiver (hci0) at a shop door, 15 minutes. Phones with random private
   addresses walk in, stay a while and walk out; some only pass by outside. Each phone changes

@@ -96,7 +96,7 @@ def main() -> None:
     data_dir = args.data_dir or work / "data"
     broker = None
     if not args.no_broker:
-        from tests.mosquitto import Mosquitto
+        from tests.support.mosquitto import Mosquitto
 
         broker = Mosquitto(work / "broker").start()
     master, slave = os.openpty()

@@ -25,7 +25,7 @@ from agent.core.presence import Presence, TagClassifier  # noqa: E402
 from agent.presence_config import BleConfig  # noqa: E402
 from agent.protocols.ble import BleParseError, frames_from_bleak  # noqa: E402
 from drivers.ble import BleDriver  # noqa: E402
-from drivers.ble_replay import TraceRecord, bleak_objects  # noqa: E402
+from drivers.sim.ble_replay import TraceRecord, bleak_objects  # noqa: E402
 
 STAFF_UUID = "f7826da6-4fa2-4e98-8024-bc5b71e0893e"
 MEMBER_UUID = "2f234454-cf6d-4a0f-adf2-f4911ba9ffa6"

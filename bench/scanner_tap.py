@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.buffer import Outbox  # noqa: E402
 from agent.config import PosSection, ScannerSection  # noqa: E402
 from agent.health import HealthBoard  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
 from agent.sink import Committed  # noqa: E402
 from drivers.receipt_tap import ReceiptTap  # noqa: E402
 from drivers.scanner import ScannerDriver  # noqa: E402

@@ -30,7 +30,7 @@ from agent.core.backoff import Backoff
 from agent.core.presence import Presence, TagClassifier
 from agent.presence_config import BleConfig
 from agent.sink import DeviceHealth, EventSink
-from drivers.ble_replay import BleReplay, TraceRecord, load_trace
+from drivers.sim.ble_replay import BleReplay, TraceRecord, load_trace
 
 log = logging.getLogger(__name__)
 

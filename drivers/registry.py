@@ -48,7 +48,7 @@ def build_drivers(cfg: AgentConfig, sink: EventSink, health: DeviceHealth) -> li
 
             runners.append((f"pos:{pos.name}", StxEtxDriver(pos.model_copy(update={"port": port}), sink, health).run))
             if pos.port in sims.masters:
-                from drivers.pos_sim import PosSimulator
+                from drivers.sim.pos import PosSimulator
 
                 runners.append((f"sim:pos:{pos.name}", PosSimulator(sims.masters[pos.port], pos.name, rate).run))
         else:
@@ -58,12 +58,12 @@ def build_drivers(cfg: AgentConfig, sink: EventSink, health: DeviceHealth) -> li
             tap_cfg = pos.model_copy(update={"port": port, "forward_to": forward})
             runners.append((f"pos:{pos.name}", ReceiptTap(tap_cfg, sink, health).run))
             if pos.port in sims.masters:
-                from drivers.device_sims import PrintingPosSimulator
+                from drivers.sim.devices import PrintingPosSimulator
 
                 runners.append((f"sim:printer-pos:{pos.name}",
                                 PrintingPosSimulator(sims.masters[pos.port], rate).run))
             if pos.forward_to and pos.forward_to in sims.masters:
-                from drivers.device_sims import PrinterSimulator
+                from drivers.sim.devices import PrinterSimulator
 
                 runners.append((f"sim:printer:{pos.name}", PrinterSimulator(sims.masters[pos.forward_to]).run))
     for scanner in cfg.scanner:
@@ -73,7 +73,7 @@ def build_drivers(cfg: AgentConfig, sink: EventSink, health: DeviceHealth) -> li
         runners.append((f"scanner:{scanner.name}",
                         ScannerDriver(scanner.model_copy(update={"port": port}), sink, health).run))
         if scanner.port in sims.masters:
-            from drivers.device_sims import ScannerSimulator
+            from drivers.sim.devices import ScannerSimulator
 
             runners.append((f"sim:scanner:{scanner.name}", ScannerSimulator(sims.masters[scanner.port]).run))
     if cfg.ble is not None and cfg.ble.enabled:

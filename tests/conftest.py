@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mosquitto import Mosquitto
+from tests.support.mosquitto import Mosquitto
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from agent.core.envelope import Event
 from agent.presence_config import BleConfig
 from agent.sink import Committed, Dedup
 from drivers.ble import BleDriver, bleak_scanner, describe, resolve_trace, scrub
-from drivers.ble_replay import BleReplay, TraceError, TraceRecord, bleak_objects, load_trace, parse_record
+from drivers.sim.ble_replay import BleReplay, TraceError, TraceRecord, bleak_objects, load_trace, parse_record
 
 DEMO = Path(__file__).resolve().parent.parent / "agent" / "demo"
 T0 = 1_800_000_000.0

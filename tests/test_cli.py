@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from agent.core.envelope import Event
-from tests.agentproc import STORE_AGENT, prefill, write_config
-from tests.mosquitto import free_port
-from tests.subscriber import Collector
+from tests.support.agentproc import STORE_AGENT, prefill, write_config
+from tests.support.mosquitto import free_port
+from tests.support.subscriber import Collector
 
 
 def cli(*args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess[str]:

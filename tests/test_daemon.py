@@ -9,9 +9,9 @@ import time
 import urllib.request
 
 from agent.core.envelope import Event
-from tests.agentproc import STORE_AGENT, AgentProcess, prefill, status_json, wait_until, write_config
-from tests.mosquitto import free_port
-from tests.subscriber import Collector
+from tests.support.agentproc import STORE_AGENT, AgentProcess, prefill, status_json, wait_until, write_config
+from tests.support.mosquitto import free_port
+from tests.support.subscriber import Collector
 
 
 def notify_socket(tmp_path):

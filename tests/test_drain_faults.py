@@ -8,9 +8,9 @@ import signal
 import paho.mqtt.publish as publish
 
 from agent.core.envelope import Event
-from tests.agentproc import AgentProcess, prefill, write_config
-from tests.mosquitto import Mosquitto, free_port
-from tests.subscriber import Collector
+from tests.support.agentproc import AgentProcess, prefill, write_config
+from tests.support.mosquitto import Mosquitto, free_port
+from tests.support.subscriber import Collector
 
 EVENTS = 100_000  # big enough that the freeze comes mid-drain even with a lagging subscriber
 

@@ -21,15 +21,15 @@ import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.buffer import Outbox
+from agent.buffer.idempotency import prune_idempotency
 from agent.config import AgentConfig
 from agent.core.envelope import utc_ms
 from agent.health import HealthBoard
-from agent.idempotency import prune_idempotency
-from agent.outbox import Outbox
 from agent.status import StatusReporter
 from agent.uplink import Uplink
 from agent.web import make_app, rfc3339_utc_ms
-from tests.mosquitto import free_port
+from tests.support.mosquitto import free_port
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

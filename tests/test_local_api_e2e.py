@@ -21,9 +21,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.agentproc import AgentProcess as SharedAgentProcess
-from tests.mosquitto import Mosquitto, free_port
-from tests.subscriber import Collector
+from tests.support.agentproc import AgentProcess as SharedAgentProcess
+from tests.support.mosquitto import Mosquitto, free_port
+from tests.support.subscriber import Collector
 
 AGENT = Path(sys.executable).with_name("store-agent")  # the venv's console script
 TOKEN = "e2e-token"

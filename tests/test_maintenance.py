@@ -1,6 +1,6 @@
+from agent.buffer import Outbox, read_chunks
+from agent.buffer.maintenance import POS_KEEP_S, hourly
 from agent.core.envelope import Event
-from agent.maintenance import POS_KEEP_S, hourly
-from agent.outbox import Outbox, read_chunks
 from agent.sink import Dedup
 
 DAY = 86400.0

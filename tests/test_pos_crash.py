@@ -35,13 +35,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.buffer import Outbox
 from agent.core.envelope import Event
-from agent.outbox import Outbox
 from agent.protocols.stxetx import ACK, NAK, encode_frame
-from tests.agentproc import AgentProcess as SharedAgentProcess
-from tests.mosquitto import Mosquitto
-from tests.ptys import Pty
-from tests.subscriber import Collector
+from tests.support.agentproc import AgentProcess as SharedAgentProcess
+from tests.support.mosquitto import Mosquitto
+from tests.support.ptys import Pty
+from tests.support.subscriber import Collector
 
 pytestmark = pytest.mark.slow
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import orjson
 
+from agent.buffer import Outbox, read_chunks
 from agent.config import PosSection
 from agent.core.envelope import Event
 from agent.health import HealthBoard
-from agent.outbox import Outbox, read_chunks
 from agent.protocols.stxetx import ACK, MAX_PAYLOAD, NAK, encode_frame
 from agent.sink import BufferFull, Committed, Dedup
 from drivers.pos import StxEtxDriver
-from tests.ptys import Pty
+from tests.support.ptys import Pty
 
 A = bytes([ACK])
 N = bytes([NAK])

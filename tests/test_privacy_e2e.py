@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.agentproc import AgentProcess, wait_until, write_config
-from tests.subscriber import Collector
+from tests.support.agentproc import AgentProcess, wait_until, write_config
+from tests.support.subscriber import Collector
 
 TRACE = Path(__file__).resolve().parent.parent / "agent" / "demo" / "ble_store.jsonl"
 

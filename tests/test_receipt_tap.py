@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.buffer import Outbox
 from agent.config import ConfigError, PosSection
 from agent.health import HealthBoard
-from agent.outbox import Outbox
 from agent.protocols.escpos import extract_receipts
-from drivers.device_sims import (
+from drivers.receipt_tap import ReceiptTap
+from drivers.sim.devices import (
     DEMO_PATTERNS,
     STATUS_OK,
     Line,
@@ -25,8 +26,7 @@ from drivers.device_sims import (
     receipt_bytes,
     write_all,
 )
-from drivers.receipt_tap import ReceiptTap
-from tests.ptys import Pty
+from tests.support.ptys import Pty
 from tests.test_scanner_driver import run, stored, until
 
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import orjson
 import pytest
 
+from agent.buffer import Outbox, read_chunks
 from agent.config import ScannerSection
 from agent.core.envelope import Event
 from agent.health import HealthBoard
-from agent.outbox import Outbox, read_chunks
 from agent.protocols.scan import decode_scan
 from agent.sink import BufferFull
-from drivers.device_sims import ScannerSimulator, scanner_reads, write_all
 from drivers.scanner import CommitQueue, ScannerDriver
-from tests.ptys import Pty
+from drivers.sim.devices import ScannerSimulator, scanner_reads, write_all
+from tests.support.ptys import Pty
 
 GS = b"\x1d"
 

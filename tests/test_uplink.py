@@ -10,14 +10,14 @@ from pathlib import Path
 import orjson
 import pytest
 
+from agent.buffer import Outbox
 from agent.config import parse
 from agent.core.envelope import Event
-from agent.outbox import Outbox
 from agent.uplink import Uplink
-from tests.agentproc import wait_until
-from tests.certs import make_ca_and_server
-from tests.mosquitto import Mosquitto, free_port
-from tests.subscriber import Collector
+from tests.support.agentproc import wait_until
+from tests.support.certs import make_ca_and_server
+from tests.support.mosquitto import Mosquitto, free_port
+from tests.support.subscriber import Collector
 
 
 def config(data_dir: Path, port: int, extra: str = "", tls: str = "tls = false"):

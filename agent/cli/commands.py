@@ -67,14 +67,14 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print the status object as JSON")] = False,
 ) -> None:
     """Connection state, buffer depth and oldest unsent age, per-device health, last error."""
-    from agent.inspect import read_status
+    from agent.cli.status import read_status
 
     cfg = _config(config)
     state = read_status(cfg)
     if as_json:
         sys.stdout.write(json.dumps(state, indent=2, sort_keys=True) + "\n")
         return
-    from agent.inspect import render_status
+    from agent.cli.status import render_status
 
     render_status(state)
 
@@ -82,7 +82,7 @@ def status(
 @app.command()
 def doctor(config: ConfigOption = None) -> None:
     """Check config, serial ports and permissions, BLE adapter, broker and TLS, disk room, clock."""
-    from agent.doctor import run_checks
+    from agent.cli.doctor import run_checks
 
     cfg = _config(config)
     ok = run_checks(cfg)
@@ -95,7 +95,7 @@ def drain(
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="give up after this many seconds")] = 60.0,
 ) -> None:
     """Send everything buffered now, with a progress bar, and say what is left."""
-    from agent.inspect import drain as run_drain
+    from agent.cli.drain import drain as run_drain
 
     cfg = _config(config)
     left = run_drain(cfg, timeout)

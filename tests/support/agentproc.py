@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.buffer import Outbox
 from agent.core.envelope import Event
-from agent.outbox import Outbox
 
 STORE_AGENT = str(Path(sys.executable).with_name("store-agent"))
 

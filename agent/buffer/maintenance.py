@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from agent.idempotency import KEEP_S, prune_idempotency
+from agent.buffer.idempotency import KEEP_S, prune_idempotency
 
 POS_KEEP_S = 7 * 86400
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.buffer.reader import Chunk
+from agent.buffer.schema import ROW_OVERHEAD, BufferCorrupt, check_file, connect, migrate
 from agent.core.envelope import (
     PRIORITY_LOW,
     EnvelopeEncoder,
@@ -35,37 +37,10 @@ from agent.sink import BufferFull, Committed, Dedup
 
 log = logging.getLogger(__name__)
 
-# Bytes a row costs beyond its body (rowid, stream, record header, b-tree cell): used by the cap.
-ROW_OVERHEAD = 24
 # Seqs are leased in blocks recorded outside the database, so a quarantined buffer never reuses one.
 SEQ_LEASE_BLOCK = 1_000_000
 # How many queued requests one transaction takes at most.
 GROUP_MAX_ITEMS = 4096
-
-MIGRATIONS: list[str] = [
-    # 1: the outbox (a chunk row holds consecutive events of one stream), key/value state, dedup keys (POS txn ids, Idempotency-Keys), sent watermarks
-    """
-    CREATE TABLE chunks (
-        seq    INTEGER PRIMARY KEY,  -- seq of the chunk's first event; its events are seq .. seq+n-1
-        n      INTEGER NOT NULL,
-        stream TEXT    NOT NULL,
-        prio   INTEGER NOT NULL,
-        body   BLOB    NOT NULL      -- the chunk's envelopes, JSON, joined by commas
-    );
-    CREATE INDEX chunks_low ON chunks(seq) WHERE prio = 0;
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID;
-    CREATE TABLE dedup (
-        ns      TEXT    NOT NULL,
-        key     TEXT    NOT NULL,
-        seq     INTEGER NOT NULL,
-        created REAL    NOT NULL,
-        result  BLOB    NOT NULL,
-        PRIMARY KEY (ns, key)
-    ) WITHOUT ROWID;
-    CREATE TABLE watermarks (ts REAL PRIMARY KEY, low_seq INTEGER NOT NULL);
-    """,
-]
-
 
 @dataclass(slots=True)
 class _Commit:
@@ -73,17 +48,6 @@ class _Commit:
     dedup: Dedup | None
     done: Callable[[Committed | BaseException], None] | None
     best_effort: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One stored row: `n` consecutive events of one stream, from `seq` on."""
-
-    seq: int
-    n: int
-    stream: str
-    prio: int
-    body: bytes
 
 
 @dataclass(slots=True)
@@ -116,58 +80,6 @@ class OutboxStats:
     events_in: dict[str, int] = field(default_factory=dict)
     events_sent: dict[str, int] = field(default_factory=dict)
     events_dropped: dict[str, int] = field(default_factory=dict)
-
-
-class BufferCorrupt(Exception):
-    """The buffer file is not a healthy SQLite database."""
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    return conn
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Apply the numbered migrations the file has not seen yet (PRAGMA user_version)."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.executescript(f"BEGIN IMMEDIATE;{script};PRAGMA user_version={number};COMMIT;")
-
-
-def check_file(path: Path) -> None:
-    """Raise BufferCorrupt unless SQLite's quick_check passes on the file."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        result = conn.execute("PRAGMA quick_check").fetchall()
-        if result != [("ok",)]:
-            raise BufferCorrupt("; ".join(str(r[0]) for r in result[:3]))
-    except sqlite3.DatabaseError as exc:
-        raise BufferCorrupt(str(exc)) from None
-    finally:
-        conn.close()
-
-
-def read_chunks(
-    conn: sqlite3.Connection, after_seq: int, limit: int, max_bytes: int | None = None
-) -> list[Chunk]:
-    """The next stored chunks after `after_seq`, oldest first: at most `limit` of them, and no more
-    than `max_bytes` of bodies (always at least one), so a backlog is never read whole into memory."""
-    out: list[Chunk] = []
-    total = 0
-    cursor = conn.execute(
-        "SELECT seq, n, stream, prio, body FROM chunks WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
-    )
-    try:
-        for row in cursor:
-            out.append(Chunk(*row))
-            total += len(row[4])
-            if max_bytes is not None and total >= max_bytes:
-                break
-    finally:
-        cursor.close()
-    return out
 
 
 class Outbox:
@@ -225,7 +137,7 @@ class Outbox:
                 check_file(self.path)
             except BufferCorrupt as exc:
                 self._quarantine(str(exc))
-        self._conn = _connect(self.path)
+        self._conn = connect(self.path)
         migrate(self._conn)
         row = self._conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         last_seq = int(row[0]) if row else 0
