@@ -68,7 +68,7 @@ def test_dedup_key_commits_once_and_returns_the_first_result(outbox, tmp_path):
 def test_dedup_within_one_group(tmp_path):
     """Two commits with the same key in the same transaction: the second sees the first."""
     ob = Outbox(tmp_path / "b.db").open()
-    from agent.buffer import _Commit
+    from agent.buffer.writer import _Commit
 
     results = []
     key = Dedup("api", "k1", b"r")
