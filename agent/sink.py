@@ -9,8 +9,31 @@ from typing import Protocol
 from agent.core.envelope import Event
 
 
-class BufferFull(Exception):
-    """The buffer's disk cap is reached and nothing lower in priority is left to drop."""
+class BufferUnavailable(Exception):
+    """The buffer cannot take events right now; `code` says why (in health, logs, metrics, 503 bodies).
+
+    Callers answer "not now" (no ACK, 503 with Retry-After) and try again: nothing is taken.
+    """
+
+    code = "buffer_unavailable"
+
+
+class BufferFull(BufferUnavailable):
+    """The buffer's disk cap (`[buffer] max_bytes`) is reached and nothing lower in priority is left to drop."""
+
+    code = "buffer_full"
+
+
+class DiskFull(BufferUnavailable):
+    """The file system holding `data_dir` has no room left (ENOSPC, SQLITE_FULL), below the cap."""
+
+    code = "disk_full"
+
+
+class BufferIOError(BufferUnavailable):
+    """The buffer file or its side files could not be written or read (disk I/O error, read-only FS, …)."""
+
+    code = "buffer_io_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +84,7 @@ class EventSink(Protocol):
     """Where events go. Implemented by `agent.buffer.Outbox`."""
 
     async def commit(self, events: Sequence[Event], dedup: Dedup | None = None) -> Committed:
-        """Commit durably (fsync'd) before returning; all or nothing. Raises BufferFull."""
+        """Commit durably (fsync'd) before returning; all or nothing. Raises BufferUnavailable."""
         ...
 
     def offer(self, event: Event) -> None:

@@ -135,6 +135,11 @@ class Uplink:
         self._wake_w.close()
 
     @property
+    def max_event_bytes(self) -> int:
+        """The largest single envelope that can ever be sent (the local API refuses bigger ones: 413)."""
+        return self.cfg.mqtt.batch_max_bytes
+
+    @property
     def alive(self) -> bool:
         """True while the session thread runs (connected or not)."""
         return self._thread is not None and self._thread.is_alive()

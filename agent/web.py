@@ -36,7 +36,7 @@ from agent.buffer import Outbox
 from agent.buffer.idempotency import NAMESPACE, lookup, parse_result, stored_result
 from agent.config import AgentConfig, read_secret
 from agent.core.envelope import Event
-from agent.sink import BufferFull, Committed, Dedup
+from agent.sink import BufferUnavailable, Committed, Dedup
 from agent.status import StatusReporter
 from agent.uplink import Uplink
 
@@ -358,7 +358,7 @@ class EventApi:
     async def _commit(self, events: list[Event], dedup: Dedup | None) -> Committed:
         try:
             return await self.outbox.commit(events, dedup=dedup)
-        except BufferFull:
+        except BufferUnavailable:
             raise ApiError(503, {"error": "buffer_full", "reason": "the buffer is at its disk cap; retry later"},
                            {"Retry-After": str(RETRY_AFTER_S)}) from None
 

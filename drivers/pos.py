@@ -24,7 +24,7 @@ from agent.protocols.stxetx import (
     Transaction,
     parse_transaction,
 )
-from agent.sink import BufferFull, Dedup, DeviceHealth, EventSink
+from agent.sink import BufferUnavailable, Dedup, DeviceHealth, EventSink
 from drivers.serialport import LinkLost, SerialLink
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class StxEtxDriver:
             return
         try:
             duplicate = await self._commit(result.payload)
-        except BufferFull:
+        except BufferUnavailable:
             self.counts["unanswered"] += 1
             if not self._full:
                 self._full = True

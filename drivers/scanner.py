@@ -40,7 +40,7 @@ from agent.config import ScannerSection
 from agent.core.backoff import Backoff
 from agent.core.envelope import EnvelopeError, Event, UtcFormatter
 from agent.protocols.scan import ScanFramer, decode_scan
-from agent.sink import BufferFull, DeviceHealth, EventSink
+from agent.sink import BufferUnavailable, DeviceHealth, EventSink
 from drivers.serialport import LinkLost, SerialLink
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class CommitQueue:
                 batch = [self.pending[i] for i in range(min(len(self.pending), COMMIT_BATCH))]
                 try:
                     await self.sink.commit(batch)
-                except BufferFull as exc:
+                except BufferUnavailable as exc:
                     self._refuse(f"buffer full ({exc}): {len(self.pending)} events waiting")
                     await asyncio.sleep(backoff.next_delay())
                     continue
@@ -143,7 +143,7 @@ class CommitQueue:
             except EnvelopeError as exc:
                 self.dropped += 1
                 log.error("%s: %s dropped: it cannot be encoded: %s", self.label, event.type, exc)
-            except BufferFull:
+            except BufferUnavailable:
                 break
             taken += 1
         return taken

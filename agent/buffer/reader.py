@@ -14,7 +14,12 @@ class Chunk:
     n: int
     stream: str
     prio: int
-    body: bytes
+    body: bytes  # the chunk's envelopes as JSON, joined by commas (as sent)
+    stored: int = -1  # bytes the row's body takes in the file (what the cap counts); -1: len(body)
+
+    def __post_init__(self) -> None:
+        if self.stored < 0:
+            object.__setattr__(self, "stored", len(self.body))
 
 
 def read_chunks(

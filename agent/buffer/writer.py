@@ -124,6 +124,8 @@ class Outbox:
         self._last_dropped_event = 0.0
         self.quarantined: str | None = None
         self.last_error: str | None = None
+        # why commits fail right now (None while they succeed): /healthz, status and /metrics show it
+        self.failure: str | None = None
         self._committed_listeners: list[Callable[[], None]] = []
         self._durable = True
 
@@ -217,7 +219,7 @@ class Outbox:
     # ---- what drivers, the local API and the uplink call -----------------------------------------
 
     async def commit(self, events: Sequence[Event], dedup: Dedup | None = None) -> Committed:
-        """Commit durably (fsync'd) before returning; all or nothing. Raises BufferFull."""
+        """Commit durably (fsync'd) before returning; all or nothing. Raises BufferUnavailable."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Committed] = loop.create_future()
 
@@ -323,7 +325,7 @@ class Outbox:
                         # only rows really deleted here leave the accounts
                         if not conn.execute("DELETE FROM chunks WHERE seq=?", (chunk.seq,)).rowcount:
                             continue
-                        size = len(chunk.body) + ROW_OVERHEAD
+                        size = chunk.stored + ROW_OVERHEAD
                         state.count -= chunk.n
                         state.bytes -= size
                         if chunk.prio == PRIORITY_LOW:
