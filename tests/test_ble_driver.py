@@ -24,7 +24,8 @@ from bleak.exc import BleakBluetoothNotAvailableError, BleakBluetoothNotAvailabl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.envelope import Event
+from agent.buffer import Outbox
+from agent.core.envelope import Event, Uuid7
 from agent.presence_config import BleConfig
 from agent.sink import Committed, Dedup
 from drivers.ble import BleDriver, bleak_scanner, describe, resolve_trace, scrub
@@ -58,20 +59,39 @@ def demo_config(**overrides) -> BleConfig:
 
 
 class RecordingSink:
-    """An EventSink that keeps what it is given."""
+    """An EventSink that keeps what it is given, answering commits as the real buffer does."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self._stems = Uuid7()
 
     def offer(self, event: Event) -> None:
         self.events.append(event)
 
     async def commit(self, events: Sequence[Event], dedup: Dedup | None = None) -> Committed:
+        first_seq = len(self.events) + 1
         self.events.extend(events)
-        return Committed(ids=tuple(str(i) for i in range(len(events))), seqs=tuple(range(len(events))))
+        return Committed(stems=((self._stems.stem(int(T0 * 1000)), len(events)),), first_seq=first_seq)
 
     def of(self, kind: str) -> list[Event]:
         return [e for e in self.events if e.type == kind]
+
+
+def test_recording_sink_answers_commits_as_the_real_buffer_does(tmp_path: Path) -> None:
+    events = [Event("presence.arrive", {"n": i}, "ble") for i in range(3)]
+
+    async def both() -> tuple[Committed, Committed]:
+        box = Outbox(tmp_path / "buffer.db").start()
+        try:
+            return await RecordingSink().commit(events), await box.commit(events)
+        finally:
+            box.close()
+
+    recorded, real = asyncio.run(both())
+    for committed in (recorded, real):
+        assert committed.count == 3 and not committed.duplicate
+        assert len(set(committed.ids)) == 3 and all(len(i) == 36 for i in committed.ids)
+        assert list(committed.seqs) == [1, 2, 3]
 
 
 class RecordingHealth:
