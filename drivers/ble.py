@@ -14,12 +14,14 @@ to make the counting HMAC; no log line, health message or event carries one.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 import os
 import re
 import secrets
 import time
 from collections.abc import Callable
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Protocol
 
@@ -43,7 +45,6 @@ PASSIVE_FLAGS = (0x02, 0x04, 0x06, 0x1A, 0x1E)
 
 START_TIMEOUT_S = 30.0  # a D-Bus call that never answers counts as a failed start
 STOP_TIMEOUT_S = 10.0
-DEMO_DIR = Path(__file__).resolve().parent.parent / "agent" / "demo"
 
 # MAC addresses in any usual spelling, and BlueZ object paths (dev_AA_BB_...): scrubbed from
 # anything that reaches a log line or a health message.
@@ -133,11 +134,19 @@ def describe(exc: BaseException) -> str:
     return scrub(f"{type(exc).__name__}: {text}")
 
 
-def resolve_trace(path: Path) -> Path:
+def demo_trace(name: str) -> Traversable:
+    """A demo trace shipped with the package (`agent/demo/NAME`), found the way package data is
+    (importlib.resources), wherever and however the agent is installed."""
+    return importlib.resources.files("agent") / "demo" / name
+
+
+def resolve_trace(path: Path) -> Path | Traversable:
     """A configured trace path; a relative one that is not found here is looked up among the
     demo traces shipped with the package (so `agent/demo/ble_door.jsonl` works from any cwd)."""
-    if not path.exists() and not path.is_absolute() and (DEMO_DIR / path.name).exists():
-        return DEMO_DIR / path.name
+    if not path.exists() and not path.is_absolute():
+        shipped = demo_trace(path.name)
+        if shipped.is_file():
+            return shipped
     return path
 
 

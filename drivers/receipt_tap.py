@@ -37,23 +37,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import termios
 import time
 from collections.abc import Callable
-
-import serial
 
 from agent.config import ConfigError, PosSection
 from agent.core.backoff import Backoff
 from agent.core.envelope import Event, UtcFormatter
 from agent.protocols.escpos import EscposError, ReceiptParser, extract_fields
 from agent.sink import DeviceHealth, EventSink
-from drivers.scanner import LIVENESS_S, CommitQueue, describe_error, device_node
+from drivers.serialport import LIVENESS_S, CommitQueue, LinkLost, SerialLink, describe_error
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 65536
 READS_PER_WAKEUP = 16  # bounded, so a POS that never pauses cannot starve the rest of the loop
 FORWARD_MAX = 1 << 20  # bytes held for a printer that is away
 REPLY_MAX = 4096  # printer replies held for a POS port that cannot take them right now
@@ -61,64 +56,50 @@ ESC_INIT = b"\x1b@"
 DROP_LOG_EVERY_S = 10.0
 
 
-def open_raw(path: str, baudrate: int) -> tuple[serial.Serial, int]:
-    """Open a serial device raw (8N1, no flow control), non-blocking; return it and its fd."""
-    ser = serial.Serial(path, baudrate, timeout=0, exclusive=True)
-    fd = ser.fileno()
-    try:
-        attrs = termios.tcgetattr(fd)
-        # VMIN=1: a non-blocking read with nothing to read is EAGAIN, so b"" can only mean hang-up
-        attrs[6][termios.VMIN] = 1
-        attrs[6][termios.VTIME] = 0
-        termios.tcsetattr(fd, termios.TCSANOW, attrs)
-        os.set_blocking(fd, False)
-    except (OSError, termios.error):
-        ser.close()
-        raise
-    return ser, fd
-
-
 class Line:
-    """One side of the tap: a serial device, the bytes waiting to be written to it, its state.
+    """One side of the tap: a `SerialLink`, the bytes waiting to be written to it, its state.
 
-    `send` never blocks: it writes what the device takes now and keeps the rest (bounded by
-    `out_max`) for the loop's writer callback.
+    The link is driven from loop callbacks (`read_nowait`, `write_nowait`), so that what is read
+    from one side is written to the other in the same callback. `send` never blocks: it writes
+    what the device takes now and keeps the rest (bounded by `out_max`) for the loop's writer
+    callback.
     """
 
-    def __init__(self, path: str, baudrate: int, kind: str, name: str, out_max: int) -> None:
-        self.path = path
-        self.baudrate = baudrate
-        self.kind = kind
-        self.name = name
+    def __init__(self, link: SerialLink, out_max: int) -> None:
+        self.link = link
+        self.path = link.port
+        self.kind = link.kind
+        self.name = link.name
         self.out_max = out_max
         self.out = bytearray()
-        self.fd = -1
-        self.node: tuple[int, int] | None = None
-        self.opens = 0
         self.written = 0
         self.dropped = 0
-        self._serial: serial.Serial | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1  # the fd being watched (the link's, while attached)
         self._lost: asyncio.Future[str] | None = None
         self._writing = False
         self._last_drop_log = -DROP_LOG_EVERY_S
 
     @property
+    def opens(self) -> int:
+        """How many times the device was opened."""
+        return self.link.opens
+
+    @property
     def alive(self) -> bool:
         """Open and not failed."""
-        return self.fd >= 0 and self._lost is not None and not self._lost.done()
+        return self.link.is_open and self._lost is not None and not self._lost.done()
 
     def open(self) -> None:
-        """Open the device (blocking: call it from a thread)."""
-        self._serial, self.fd = open_raw(self.path, self.baudrate)
-        self.node = device_node(self.path)
+        """Open the device once (raises LinkLost saying why it cannot be)."""
+        self.link.open_once()
 
     def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> asyncio.Future[str]:
         """Start watching the open device; the future resolves with the reason it failed."""
         self._loop = loop
         self._lost = loop.create_future()
-        self.opens += 1
-        loop.add_reader(self.fd, on_readable)
+        self._fd = self.link.fileno()
+        loop.add_reader(self._fd, on_readable)
         if self.out:
             self._want_write()
         return self._lost
@@ -132,43 +113,27 @@ class Line:
     def close(self) -> None:
         """Stop watching and close the device (idempotent); queued bytes stay queued."""
         self._unwatch()
-        ser, self._serial, self.fd = self._serial, None, -1
-        if ser is not None:
-            try:
-                ser.close()
-            except (OSError, serial.SerialException) as exc:  # a vanished device; closed anyway
-                log.debug("closing %s: %s", self.path, exc)
+        self.link.close()
 
     def _unwatch(self) -> None:
-        if self._loop is not None and self.fd >= 0:
-            self._loop.remove_reader(self.fd)
-            self._loop.remove_writer(self.fd)
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = -1
         self._writing = False
 
     def read(self) -> bytes:
         """What the device sent (b"" when nothing); a failure calls `fail` and returns b""."""
         try:
-            data = os.read(self.fd, READ_SIZE)
-        except BlockingIOError:
+            return self.link.read_nowait()
+        except LinkLost as exc:
+            self.fail(describe_error(exc))
             return b""
-        except OSError as exc:
-            self.fail(exc.strerror or str(exc))
-            return b""
-        if not data:
-            self.fail("device hung up")
-        return data
 
     def send(self, data: bytes) -> None:
         """Write `data` now if the device takes it, else queue it (in order)."""
         if not self.out and self.alive:
-            try:
-                n = os.write(self.fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self.fail(exc.strerror or str(exc))
-                n = 0
-            self.written += n
+            n = self._write(data)
             if n == len(data):
                 return
             data = data[n:]
@@ -178,23 +143,27 @@ class Line:
         if self.alive:
             self._want_write()
 
+    def _write(self, data: bytes | bytearray) -> int:
+        try:
+            n = self.link.write_nowait(data)
+        except LinkLost as exc:
+            self.fail(describe_error(exc))
+            return 0
+        self.written += n
+        return n
+
     def _want_write(self) -> None:
-        if not self._writing and self._loop is not None:
+        if not self._writing and self._loop is not None and self._fd >= 0:
             self._writing = True
-            self._loop.add_writer(self.fd, self._on_writable)
+            self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_writable(self) -> None:
-        try:
-            n = os.write(self.fd, self.out)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.fail(exc.strerror or str(exc))
+        n = self._write(self.out)
+        if not self.alive:
             return
         del self.out[:n]
-        self.written += n
         if not self.out and self._loop is not None:
-            self._loop.remove_writer(self.fd)
+            self._loop.remove_writer(self._fd)
             self._writing = False
 
     def _trim(self) -> None:
@@ -227,8 +196,9 @@ class ReceiptTap:
             extract_fields([], cfg.patterns)  # compiles every pattern: a bad regex fails at start
         except EscposError as exc:
             raise ConfigError(f"pos {cfg.name!r}: {exc}") from None
-        self.pos = Line(cfg.port, cfg.baudrate, "pos", cfg.name, REPLY_MAX)
-        self.printer = (Line(cfg.forward_to, cfg.baudrate, "printer", cfg.name, forward_max)
+        self.pos = Line(SerialLink(cfg.port, cfg.baudrate, kind="pos", name=cfg.name, health=health), REPLY_MAX)
+        self.printer = (Line(SerialLink(cfg.forward_to, cfg.baudrate, kind="printer", name=cfg.name, health=health),
+                             forward_max)
                         if cfg.forward_to else None)
         self.queue = CommitQueue(sink, self.source, self._buffer_state, retry_max_s=retry_max_s)
         self.bytes_in = 0
@@ -238,7 +208,7 @@ class ReceiptTap:
         self._printer_drops_reported = 0
 
     def _buffer_state(self, ok: bool, error: str | None) -> None:
-        self.health.report("pos", self.cfg.name, self.pos.fd >= 0, None if ok else error)
+        self.health.report("pos", self.cfg.name, self.pos.link.is_open, None if ok else error)
 
     # --- running ------------------------------------------------------------------------------
 
@@ -274,10 +244,10 @@ class ReceiptTap:
         last_error: str | None = None
         while True:
             try:
-                await asyncio.to_thread(line.open)
-            except (OSError, serial.SerialException, termios.error) as exc:
+                line.open()  # on the loop thread: see drivers/serialport.py
+            except OSError as exc:
                 line.close()
-                error = describe_error(exc.__context__ if isinstance(exc.__context__, OSError) else exc)
+                error = describe_error(exc)
                 if error != last_error:
                     log.warning("%s: cannot open %s %s: %s; retrying", self.source, line.kind, line.path, error)
                     last_error = error
@@ -296,7 +266,7 @@ class ReceiptTap:
                     if done:
                         reason = lost.result()
                         break
-                    if device_node(line.path) != line.node:
+                    if line.link.moved():
                         reason = "its path now leads to another device"
                         break
                     self._check_drops(line)

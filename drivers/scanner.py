@@ -22,153 +22,26 @@ No scan is dropped silently:
 Reads that arrive while a commit is in flight are committed together in the next one (in
 order), so a burst costs one fsync; a scanner at human pace commits `[event]` each time.
 
-The device is read through `drivers.serialport.SerialLink` (pyserial setup, loop-driven reads).
-`CommitQueue`, `device_node` and `describe_error` are also used by the receipt tap.
+The device is read through `drivers.serialport.SerialLink` (pyserial setup, loop-driven reads),
+and the reads are committed through `drivers.serialport.CommitQueue`, as the receipt tap's are.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from agent.config import ScannerSection
 from agent.core.backoff import Backoff
-from agent.core.envelope import EnvelopeError, Event, UtcFormatter
+from agent.core.envelope import Event, UtcFormatter
 from agent.protocols.scan import ScanFramer, decode_scan
-from agent.sink import BufferUnavailable, DeviceHealth, EventSink
-from drivers.serialport import LinkLost, SerialLink
+from agent.sink import DeviceHealth, EventSink
+from drivers.serialport import LIVENESS_S, CommitQueue, LinkLost, SerialLink
 
 log = logging.getLogger(__name__)
-
-LIVENESS_S = 1.0  # how often an idle port checks that its path still leads to the open device
-COMMIT_BATCH = 500
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short error text for logs and health (no Python noise)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def device_node(path: str) -> tuple[int, int] | None:
-    """The device node `path` leads to (symlinks followed), or None when it leads nowhere."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_rdev, st.st_ino)
-
-
-class CommitQueue:
-    """Events waiting for a durable commit, committed in order by one task, retried on BufferFull.
-
-    `put` never blocks; `run` commits whatever is waiting as one commit (up to `COMMIT_BATCH`),
-    so a burst costs one fsync. `on_state(ok, error)` is called when the buffer refuses events and
-    when it takes them again.
-    """
-
-    def __init__(self, sink: EventSink, label: str, on_state: Callable[[bool, str | None], None],
-                 pending_max: int = 10_000, retry_max_s: float = 5.0) -> None:
-        self.sink = sink
-        self.label = label
-        self.on_state = on_state
-        self.pending_max = pending_max
-        self.retry_max_s = retry_max_s
-        self.pending: collections.deque[Event] = collections.deque()
-        self.committed = 0
-        self.dropped = 0
-        self._wakeup = asyncio.Event()
-        self._refused = False
-
-    def put(self, event: Event) -> bool:
-        """Queue an event; False (and an error log line) when the queue is full and it is dropped."""
-        if len(self.pending) >= self.pending_max:
-            self.dropped += 1
-            log.error("%s: %s dropped: %d events already wait for the buffer (dropped so far: %d)",
-                      self.label, event.type, len(self.pending), self.dropped)
-            self.on_state(False, f"buffer full: {self.dropped} events dropped")
-            return False
-        self.pending.append(event)
-        self._wakeup.set()
-        return True
-
-    async def run(self) -> None:
-        """Commit until cancelled."""
-        backoff = Backoff(base=0.05, cap=self.retry_max_s)
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self.pending:
-                batch = [self.pending[i] for i in range(min(len(self.pending), COMMIT_BATCH))]
-                try:
-                    await self.sink.commit(batch)
-                except BufferUnavailable as exc:
-                    self._refuse(f"buffer full ({exc}): {len(self.pending)} events waiting")
-                    await asyncio.sleep(backoff.next_delay())
-                    continue
-                except EnvelopeError:
-                    for _ in range(await self._commit_one_by_one(batch)):
-                        self.pending.popleft()
-                    continue
-                except Exception as exc:  # a broken buffer must not end the driver; keep the events
-                    self._refuse(f"commit failed ({describe_error(exc)}): {len(self.pending)} events waiting")
-                    await asyncio.sleep(backoff.next_delay())
-                    continue
-                for _ in batch:
-                    self.pending.popleft()
-                self.committed += len(batch)
-                backoff.reset()
-                if self._refused:
-                    self._refused = False
-                    log.warning("%s: buffer takes events again; %d were waiting", self.label, len(batch))
-                    self.on_state(True, None)
-
-    async def _commit_one_by_one(self, batch: list[Event]) -> int:
-        """A batch holding an event that cannot be encoded: commit the others, drop that one loudly.
-
-        Returns how many of the batch's events are done with (committed or dropped), in order;
-        BufferFull stops early and leaves the rest waiting.
-        """
-        taken = 0
-        for event in batch:
-            try:
-                await self.sink.commit([event])
-                self.committed += 1
-            except EnvelopeError as exc:
-                self.dropped += 1
-                log.error("%s: %s dropped: it cannot be encoded: %s", self.label, event.type, exc)
-            except BufferUnavailable:
-                break
-            taken += 1
-        return taken
-
-    def _refuse(self, error: str) -> None:
-        if not self._refused:
-            log.error("%s: %s; retrying", self.label, error)
-        self._refused = True
-        self.on_state(False, error)
-
-    async def close(self, timeout: float = 2.0) -> None:
-        """One last commit of what is waiting; what cannot be kept is named in the log."""
-        if not self.pending:
-            return
-        batch: Sequence[Event] = list(self.pending)
-        try:
-            async with asyncio.timeout(timeout):
-                await self.sink.commit(batch)
-        except (Exception, asyncio.CancelledError) as exc:
-            log.error("%s: stopping with %d events not committed (%s): %s", self.label, len(batch),
-                      describe_error(exc) or type(exc).__name__,
-                      "; ".join(f"{e.type} {e.ts}" for e in list(batch)[:5]))
-            return
-        self.pending.clear()
-        self.committed += len(batch)
 
 
 class ScannerDriver:
@@ -219,10 +92,9 @@ class ScannerDriver:
     async def _read_forever(self) -> None:
         while True:
             await self.link.open()
-            node = device_node(self.cfg.port)
             framer = ScanFramer(self.cfg.terminator)
             try:
-                await self._pump(framer, node)
+                await self._pump(framer)
             except LinkLost:
                 pass  # SerialLink logged it and reported the device down
             finally:
@@ -230,14 +102,14 @@ class ScannerDriver:
                     log.warning("%s: a read cut off by the disconnect was not committed (%d bytes)",
                                 self.source, len(framer.buffered))
 
-    async def _pump(self, framer: ScanFramer, node: tuple[int, int] | None) -> None:
+    async def _pump(self, framer: ScanFramer) -> None:
         read = self.link.read
         while True:
             try:
                 async with asyncio.timeout(LIVENESS_S):  # not wait_for: 3.11's can swallow a cancel
                     data = await read()
             except TimeoutError:
-                if device_node(self.cfg.port) != node:
+                if self.link.moved():
                     # udev moved the by-id link to a new node while the old one stayed quiet
                     reason = "its path now leads to another device"
                     log.warning("%s: %s: %s; reopening", self.source, self.cfg.port, reason)

@@ -1,3 +1,5 @@
+"""Fixtures every test file may use; the helpers behind them are in tests/support/."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -5,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.buffer import Outbox
+from tests.support.buffer import open_outbox
 from tests.support.mosquitto import Mosquitto
+from tests.support.ptys import Pty
 
 
 @pytest.fixture
@@ -16,3 +21,27 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    """A started Outbox on a fresh SQLite file (`tmp_path/buffer.db`), default identity and cap."""
+    with open_outbox(tmp_path / "buffer.db") as box:
+        yield box
+
+
+@pytest.fixture
+def pty() -> Iterator[Pty]:
+    """One real pty: the driver opens `pty.path`, the test plays the device on `pty.master`."""
+    p = Pty()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def ptys() -> Iterator[tuple[Pty, Pty]]:
+    """Two real ptys (a POS line and a printer line, say)."""
+    a, b = Pty(), Pty()
+    yield a, b
+    a.close()
+    b.close()

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -24,13 +24,14 @@ from bleak.exc import BleakBluetoothNotAvailableError, BleakBluetoothNotAvailabl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.envelope import Event
+from agent.buffer import Outbox
+from agent.core.envelope import Event, Uuid7
 from agent.presence_config import BleConfig
 from agent.sink import Committed, Dedup
-from drivers.ble import BleDriver, bleak_scanner, describe, resolve_trace, scrub
+from drivers.ble import BleDriver, bleak_scanner, demo_trace, describe, resolve_trace, scrub
 from drivers.sim.ble_replay import BleReplay, TraceError, TraceRecord, bleak_objects, load_trace, parse_record
+from tests.support.wait import wait_until_async
 
-DEMO = Path(__file__).resolve().parent.parent / "agent" / "demo"
 T0 = 1_800_000_000.0
 # The identities bench/make_ble_traces.py gives its tags.
 STAFF_UUID = "f7826da6-4fa2-4e98-8024-bc5b71e0893e"
@@ -58,20 +59,39 @@ def demo_config(**overrides) -> BleConfig:
 
 
 class RecordingSink:
-    """An EventSink that keeps what it is given."""
+    """An EventSink that keeps what it is given, answering commits as the real buffer does."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self._stems = Uuid7()
 
     def offer(self, event: Event) -> None:
         self.events.append(event)
 
     async def commit(self, events: Sequence[Event], dedup: Dedup | None = None) -> Committed:
+        first_seq = len(self.events) + 1
         self.events.extend(events)
-        return Committed(ids=tuple(str(i) for i in range(len(events))), seqs=tuple(range(len(events))))
+        return Committed(stems=((self._stems.stem(int(T0 * 1000)), len(events)),), first_seq=first_seq)
 
     def of(self, kind: str) -> list[Event]:
         return [e for e in self.events if e.type == kind]
+
+
+def test_recording_sink_answers_commits_as_the_real_buffer_does(tmp_path: Path) -> None:
+    events = [Event("presence.arrive", {"n": i}, "ble") for i in range(3)]
+
+    async def both() -> tuple[Committed, Committed]:
+        box = Outbox(tmp_path / "buffer.db").start()
+        try:
+            return await RecordingSink().commit(events), await box.commit(events)
+        finally:
+            box.close()
+
+    recorded, real = asyncio.run(both())
+    for committed in (recorded, real):
+        assert committed.count == 3 and not committed.duplicate
+        assert len(set(committed.ids)) == 3 and all(len(i) == 36 for i in committed.ids)
+        assert list(committed.seqs) == [1, 2, 3]
 
 
 class RecordingHealth:
@@ -127,20 +147,11 @@ def make_driver(
     return driver, sink, health, clock
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Waits on a condition with a deadline (never a bare sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
-
-
 # --- replayed traces through the callback -----------------------------------------------------------
 
 
 def test_staff_trace_gives_tag_presence_events() -> None:
-    records = load_trace(DEMO / "ble_staff.jsonl")
+    records = load_trace(demo_trace("ble_staff.jsonl"))
     driver, sink, _, clock = make_driver()
     replay_through(driver, clock, records)
     assert driver.adverts == len(records) and driver.callback_errors == 0
@@ -166,7 +177,7 @@ def test_staff_trace_gives_tag_presence_events() -> None:
 
 
 def test_door_trace_gives_only_traffic_summaries() -> None:
-    records = load_trace(DEMO / "ble_door.jsonl")
+    records = load_trace(demo_trace("ble_door.jsonl"))
     driver, sink, _, clock = make_driver()
     replay_through(driver, clock, records)
     assert {e.type for e in sink.events} == {"traffic.summary"}
@@ -181,7 +192,7 @@ def test_door_trace_gives_only_traffic_summaries() -> None:
 
 
 def test_aisle_trace_places_devices_by_the_receiver_that_hears_them_best() -> None:
-    records = load_trace(DEMO / "ble_aisle.jsonl")
+    records = load_trace(demo_trace("ble_aisle.jsonl"))
     assert {r.adapter for r in records} == {"hci0", "hci1"}
     driver, sink, _, clock = make_driver(demo_config(min_count=1))
     replay_through(driver, clock, records)
@@ -193,7 +204,7 @@ def test_aisle_trace_places_devices_by_the_receiver_that_hears_them_best() -> No
 
 def test_no_address_reaches_events_logs_or_health(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    records = [*load_trace(DEMO / "ble_door.jsonl"), *load_trace(DEMO / "ble_staff.jsonl")]
+    records = [*load_trace(demo_trace("ble_door.jsonl")), *load_trace(demo_trace("ble_staff.jsonl"))]
     records.sort(key=lambda r: r.t)
     driver, sink, health, clock = make_driver(demo_config(min_count=1))
     replay_through(driver, clock, records)
@@ -274,7 +285,7 @@ def test_trace_errors_name_the_file_and_line(tmp_path: Path) -> None:
 
 
 def test_replay_plays_every_record_in_order_and_loops() -> None:
-    records = load_trace(DEMO / "ble_staff.jsonl")[:50]
+    records = load_trace(demo_trace("ble_staff.jsonl"))[:50]
     seen: list[tuple[str, int]] = []
 
     async def main() -> int:
@@ -282,7 +293,7 @@ def test_replay_plays_every_record_in_order_and_loops() -> None:
         await once.run(lambda d, a: seen.append((d.address, a.rssi)))
         looping = BleReplay(records, speed=1e6, loop=True)
         task = asyncio.create_task(looping.run(lambda d, a: None))
-        await wait_for(lambda: looping.passes >= 3)
+        assert await wait_until_async(lambda: looping.passes >= 3, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -315,7 +326,7 @@ def test_driver_in_replay_mode_needs_no_radio() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(driver.run())
-        await wait_for(lambda: len(sink.of("presence.arrive")) >= 5)
+        assert await wait_until_async(lambda: len(sink.of("presence.arrive")) >= 5, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -366,7 +377,7 @@ def test_watchdog_restarts_a_scanner_that_went_silent() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(driver.run())
-        await wait_for(lambda: len(made) >= 3)
+        assert await wait_until_async(lambda: len(made) >= 3, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -394,7 +405,7 @@ def test_auto_mode_falls_back_to_active_when_passive_is_not_supported() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(driver.run())
-        await wait_for(lambda: driver.modes.get("hci0") == "active")
+        assert await wait_until_async(lambda: driver.modes.get("hci0") == "active", 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -415,7 +426,7 @@ def test_auto_mode_prefers_passive_where_it_works() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(driver.run())
-        await wait_for(lambda: "hci0" in driver.modes)
+        assert await wait_until_async(lambda: "hci0" in driver.modes, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -443,7 +454,7 @@ def test_powered_off_adapter_is_reported_and_retried() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(driver.run())
-        await wait_for(lambda: any(r[2] for r in health.of("hci0")))
+        assert await wait_until_async(lambda: any(r[2] for r in health.of("hci0")), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -464,7 +475,7 @@ def test_no_bluez_on_this_machine_is_reported_and_retried_with_real_bleak(mode: 
 
     async def main() -> None:
         task = asyncio.create_task(driver.run())
-        await wait_for(lambda: len(health.of("hci0")) >= 3 and len(health.of("hci1")) >= 3)
+        assert await wait_until_async(lambda: len(health.of("hci0")) >= 3 and len(health.of("hci1")) >= 3, 10)
         assert not task.done()  # still retrying, not crashed
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -534,8 +545,8 @@ def test_demo_trace_paths_resolve_from_any_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert resolve_trace(Path("agent/demo/ble_door.jsonl")) == DEMO / "ble_door.jsonl"
-    assert resolve_trace(Path("ble_staff.jsonl")) == DEMO / "ble_staff.jsonl"
+    assert resolve_trace(Path("agent/demo/ble_door.jsonl")) == demo_trace("ble_door.jsonl")
+    assert resolve_trace(Path("ble_staff.jsonl")) == demo_trace("ble_staff.jsonl")
     mine = tmp_path / "ble_door.jsonl"
     mine.write_text("")
     assert resolve_trace(Path("ble_door.jsonl")) == Path("ble_door.jsonl")  # a file here wins

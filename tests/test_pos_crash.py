@@ -15,14 +15,11 @@ How the subscriber stays deterministic across broker kills:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import select
 import signal
-import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -38,25 +35,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.buffer import Outbox
 from agent.core.envelope import Event
 from agent.protocols.stxetx import ACK, NAK, encode_frame
-from tests.support.agentproc import AgentProcess as SharedAgentProcess
+from tests.support.agentproc import AgentProcess, status_json, toml_keys, toml_table
+from tests.support.agentproc import write_config as write_agent_config
+from tests.support.buffer import prefill, stored_count
 from tests.support.mosquitto import Mosquitto
 from tests.support.ptys import Pty
 from tests.support.subscriber import Collector
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
-AGENT = Path(sys.executable).with_name("store-agent")
 TENANT, STORE, AGENT_ID = "acme", "sh-0012", "till-1"
 RESEND_AFTER_S = 2.0  # what a POS does without an answer (contract 4.1)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---- the parts ----------------------------------------------------------------------------------
@@ -98,29 +88,7 @@ class Broker(Mosquitto):
         assert self.proc is not None
         before = self.db.stat().st_mtime_ns if self.db.exists() else 0
         os.kill(self.proc.pid, signal.SIGUSR1)
-        wait_until(lambda: self.db.exists() and self.db.stat().st_mtime_ns != before, 10, "broker database save")
-
-
-class AgentProcess(SharedAgentProcess):
-    """The shared agent process, counting its starts; a kill refuses an agent that died by itself."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        super().__init__(config, log)
-        self.starts = 0
-
-    def start(self) -> AgentProcess:
-        super().start()
-        self.starts += 1
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the agent died by itself ({self.proc.returncode}): {self.tail()}")
-        self.kill()
-
-    def tail(self) -> str:
-        return self.log_text()[-3000:]
+        assert wait_until(lambda: self.db.exists() and self.db.stat().st_mtime_ns != before, 10), "broker database save"
 
 
 class Till(threading.Thread):
@@ -208,21 +176,14 @@ def sale(n: int, pad: int = 0) -> dict[str, Any]:
 
 
 def write_config(tmp_path: Path, broker_port: int, pty_path: str | None, **sections: dict[str, Any]) -> Path:
-    mqtt_keys = {"host": "127.0.0.1", "port": broker_port, "tls": False, "backoff_max_s": 1.0,
-                 **sections.pop("mqtt", {})}
-    lines = [
-        "[agent]", f'tenant = "{TENANT}"', f'store = "{STORE}"', f'id = "{AGENT_ID}"',
-        f'data_dir = "{tmp_path / "data"}"', "", "[mqtt]",
-        *(f"{k} = {json.dumps(v)}" for k, v in mqtt_keys.items()),
-        "", "[local_api]", "enabled = false", "", "[log]", 'level = "info"',
-    ]
-    for name, keys in sections.items():
-        lines += ["", f"[{name}]", *(f"{k} = {json.dumps(v)}" for k, v in keys.items())]
+    """The agent's config: [mqtt] keys and other sections as dicts, one stxetx POS on `pty_path`."""
+    extra = '[log]\nlevel = "info"\n' + "".join(toml_table(name, keys) for name, keys in sections.items()
+                                                  if name != "mqtt")
     if pty_path is not None:
-        lines += ["", "[[pos]]", 'name = "front-1"', f'port = "{pty_path}"']
-    path = tmp_path / "agent.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        extra += toml_table("[[pos]]", {"name": "front-1", "port": pty_path})
+    return write_agent_config(tmp_path / "agent.toml", tmp_path / "data", broker_port, extra,
+                              mqtt_extra=toml_keys(sections.get("mqtt", {})),
+                              tenant=TENANT, store=STORE, agent=AGENT_ID)
 
 
 def buffer_path(tmp_path: Path) -> Path:
@@ -231,26 +192,15 @@ def buffer_path(tmp_path: Path) -> Path:
 
 def buffer_events(config: Path, tmp_path: Path) -> int:
     """Events not yet acknowledged upstream: `status --json`, else the buffer file itself."""
-    result = subprocess.run([str(AGENT), "status", "--json", "--config", str(config)],
-                            capture_output=True, timeout=30)
-    if result.returncode == 0:
-        return int(json.loads(result.stdout)["buffer"]["events"])
-    conn = sqlite3.connect(f"file:{buffer_path(tmp_path)}?mode=ro", uri=True)
     try:
-        return int(conn.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()[0])
-    finally:
-        conn.close()
+        return int(status_json(config)["buffer"]["events"])
+    except subprocess.CalledProcessError:
+        return stored_count(buffer_path(tmp_path))
 
 
-def prefill(tmp_path: Path, events: list[Event], batch: int = 5000, **outbox_kw: Any) -> Outbox:
+def prefill_agent(tmp_path: Path, events: list[Event], batch: int = 5000, **outbox_kw: Any) -> None:
     """Commit events into the agent's own buffer file before the agent starts (the agent's path)."""
-    outbox = Outbox(buffer_path(tmp_path), tenant=TENANT, store=STORE, agent=AGENT_ID, **outbox_kw).start()
-    try:
-        for i in range(0, len(events), batch):
-            outbox.commit_sync(events[i : i + batch])
-    finally:
-        outbox.close()
-    return outbox
+    prefill(tmp_path / "data", events, batch=batch, tenant=TENANT, store=STORE, agent=AGENT_ID, **outbox_kw)
 
 
 @pytest.fixture
@@ -298,7 +248,7 @@ def fence(broker: Broker, collector: SessionCollector, n: int) -> int:
     client.loop_start()
     try:
         client.publish(topic, b"fence", qos=1).wait_for_publish(10)
-        wait_until(lambda: any(m[0] == topic for m in collector.messages[-50:]), 10, "the fence marker")
+        assert wait_until(lambda: any(m[0] == topic for m in collector.messages[-50:]), 10), "the fence marker"
     finally:
         client.disconnect()
         client.loop_stop()
@@ -356,19 +306,17 @@ def test_agent_kill9_loses_no_acked_transaction(tmp_path: Path, upstream, cleanu
             time.sleep(rng.uniform(0.05, 0.8))
         else:
             target = till.count() + rng.randint(1, 25)
-            wait_until(lambda t=target: till.count() >= t or not agent.alive(), 30,
-                       f"the till's ACK #{target} (kill {i}): {agent.tail()}")
+            assert wait_until(lambda t=target: till.count() >= t or not agent.alive(), 30), f"the till's ACK #{target} (kill {i}): {agent.tail()}"
             time.sleep(rng.uniform(0, 0.02))  # somewhere in the next frame's round trip
         agent.kill9()
         agent.start()
     target = till.count() + 20
-    wait_until(lambda: till.count() >= target, 30, "ACKs after the last restart")
+    assert wait_until(lambda: till.count() >= target, 30), "ACKs after the last restart"
     till.stop()
     assert agent.starts == kills + 1
     acked = list(till.acked)
     assert len(acked) > kills
-    wait_until(lambda: set(acked) <= set(collector.pos_ids()), 60,
-               "every ACKed transaction upstream")
+    assert wait_until(lambda: set(acked) <= set(collector.pos_ids()), 60), "every ACKed transaction upstream"
     assert_once_each(collector, acked, till.sent)
     # the till moves on only after an ACK, so each transaction was committed after the one
     # before it: seqs rise in till order across all the restarts
@@ -376,7 +324,7 @@ def test_agent_kill9_loses_no_acked_transaction(tmp_path: Path, upstream, cleanu
         seq_of = {e["data"]["txn_id"]: e["seq"] for e in collector.events if e["type"] == "pos.sale"}
     seqs = [seq_of[t] for t in acked]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    wait_until(lambda: buffer_events(agent.config, tmp_path) == 0, 30, "an empty buffer")
+    assert wait_until(lambda: buffer_events(agent.config, tmp_path) == 0, 30), "an empty buffer"
 
 
 # ---- 2. kill -9 of the broker while a backlog drains ---------------------------------------------
@@ -387,21 +335,20 @@ def test_broker_kill9_during_drain_loses_nothing(tmp_path: Path, upstream, clean
     total = 100_000
     events = [Event("app.checkin", {"n": i, "door": "front"}, "local_api") for i in range(total)]
     config = write_config(tmp_path, broker.port, None, mqtt={"batch_size": 100})
-    prefill(tmp_path, events, chunk_events=100)
+    prefill_agent(tmp_path, events, chunk_events=100)
     agent = AgentProcess(config, tmp_path / "agent.log")
     cleanup.append(agent.stop)
     agent.start()
-    wait_until(lambda: len(collector.events) >= 2_000, 30, f"the drain to start: {agent.tail()}")
+    assert wait_until(lambda: len(collector.events) >= 2_000, 30), f"the drain to start: {agent.tail()}"
     kill_broker(broker, collector, agent)
     assert len(collector.events) < total, "the backlog drained before the broker was killed: nothing was tested"
     broker.start()
     # (the cheap count first: ids() copies under the collector's lock)
-    wait_until(lambda: len(collector.events) >= total and len(collector.ids()) >= total, 60,
-               "the rest of the backlog after the broker restart")
+    assert wait_until(lambda: len(collector.events) >= total and len(collector.ids()) >= total, 60), "the rest of the backlog after the broker restart"
     assert agent.alive() and agent.starts == 1  # it resumed by itself
     with collector.lock:
         assert sorted({e["data"]["n"] for e in collector.events}) == list(range(total))
-    wait_until(lambda: buffer_events(config, tmp_path) == 0, 30, "an empty buffer")
+    assert wait_until(lambda: buffer_events(config, tmp_path) == 0, 30), "an empty buffer"
 
 
 # ---- 3. 100,000 events buffered offline, then the broker comes up --------------------------------
@@ -412,13 +359,13 @@ def test_offline_backlog_of_100k_arrives_in_order(tmp_path: Path, upstream, clea
     # two streams interleaved in runs, as a store's traffic is
     events = [Event("app.checkin" if (i // 250) % 2 else "kpi.sample", {"n": i}, "local_api") for i in range(total)]
     config = write_config(tmp_path, broker.port, None)
-    prefill(tmp_path, events)
+    prefill_agent(tmp_path, events)
     broker.kill()
     agent = AgentProcess(config, tmp_path / "agent.log")
     cleanup.append(agent.stop)
     agent.start()  # offline: the broker is down, the agent retries with backoff
     broker.start()
-    wait_until(lambda: len(collector.events) >= total, 60, f"100,000 events upstream: {agent.tail()}")
+    assert wait_until(lambda: len(collector.events) >= total, 60), f"100,000 events upstream: {agent.tail()}"
     with collector.lock:
         received = [e for e in collector.events if e["type"] in ("app.checkin", "kpi.sample")]
     assert len(received) == total and len({e["id"] for e in received}) == total
@@ -428,7 +375,7 @@ def test_offline_backlog_of_100k_arrives_in_order(tmp_path: Path, upstream, clea
         stream = e["type"].partition(".")[0]
         assert e["seq"] > last.get(stream, 0), f"{stream} out of seq order at {e['seq']}"
         last[stream] = e["seq"]
-    wait_until(lambda: buffer_events(config, tmp_path) == 0, 30, "buffer.events == 0")
+    assert wait_until(lambda: buffer_events(config, tmp_path) == 0, 30), "buffer.events == 0"
 
 
 # ---- 4. the disk cap: low priority dropped and counted, POS refused (no ACK) until drained ------
@@ -497,7 +444,7 @@ def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cle
             sent_traffic = sum(e["type"] == "traffic.summary" for e in collector.events)
         return len(ids) == 3 and dropped > 0 and dropped + sent_traffic >= TRAFFIC
 
-    wait_until(arrived, 60, f"the POS sales, the traffic left and system.dropped upstream: {agent.tail()}")
+    assert wait_until(arrived, 60), f"the POS sales, the traffic left and system.dropped upstream: {agent.tail()}"
     with collector.lock:
         drops = [e for e in collector.events if e["type"] == "system.dropped"]
         traffic_up = {e["data"]["present"] for e in collector.events if e["type"] == "traffic.summary"}
@@ -507,4 +454,4 @@ def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cle
     assert dropped + len(traffic_up) == TRAFFIC
     assert traffic_up == set(range(TRAFFIC - len(traffic_up), TRAFFIC))  # the oldest were the ones dropped
     assert_once_each(collector, ["R1-000001", "R1-000002", "R1-000003"], {"R1-000001", "R1-000002", "R1-000003"})
-    wait_until(lambda: buffer_events(config, tmp_path) == 0, 30, "an empty buffer")
+    assert wait_until(lambda: buffer_events(config, tmp_path) == 0, 30), "an empty buffer"

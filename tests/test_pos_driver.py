@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
-import sqlite3
-import struct
-import termios
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +18,9 @@ from agent.health import HealthBoard
 from agent.protocols.stxetx import ACK, MAX_PAYLOAD, NAK, encode_frame
 from agent.sink import BufferFull, Committed, Dedup
 from drivers.pos import StxEtxDriver
+from tests.support.buffer import open_outbox, stored_events
 from tests.support.ptys import Pty
+from tests.support.wait import wait_until_async
 
 A = bytes([ACK])
 N = bytes([NAK])
@@ -59,10 +57,6 @@ class Line(Pty):
             except BlockingIOError:
                 await asyncio.sleep(0.001)
 
-    def unread(self) -> int:
-        """Bytes written to the line that the driver has not read yet."""
-        return struct.unpack("i", fcntl.ioctl(self.slave, termios.TIOCINQ, b"\0\0\0\0"))[0]
-
     async def answers(self, until: bytes = b"", count: int = 1, timeout: float = 10.0) -> bytes:
         """Answers read until `count` bytes arrived (or the byte `until` did)."""
         loop = asyncio.get_running_loop()
@@ -80,24 +74,6 @@ class Line(Pty):
         return got
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
-
-
-def stored(path: Path) -> list[dict[str, Any]]:
-    """Every event in the buffer file, read through a connection of its own."""
-    conn = sqlite3.connect(path)
-    try:
-        return [e for c in read_chunks(conn, 0, 10_000) for e in orjson.loads(b"[" + c.body + b"]")]
-    finally:
-        conn.close()
-
-
 def device_up(health: HealthBoard, name: str = "front-1") -> bool:
     return any(d["kind"] == "pos" and d["name"] == name and d["up"] for d in health.snapshot())
 
@@ -111,7 +87,7 @@ async def running(
     driver = StxEtxDriver(cfg, sink, health, **kw)
     task = asyncio.create_task(driver.run())
     try:
-        await until(lambda: device_up(health) or task.done())
+        assert await wait_until_async(lambda: device_up(health) or task.done(), 10)
         if task.done():
             task.result()
         yield driver
@@ -124,11 +100,10 @@ async def running(
 @contextlib.contextmanager
 def setup(tmp_path: Path, **outbox_kw: Any):
     line = Line()
-    outbox = Outbox(tmp_path / "buffer.db", tenant="acme", store="sh-0012", agent="till-1", **outbox_kw).start()
     try:
-        yield line, outbox
+        with open_outbox(tmp_path / "buffer.db", tenant="acme", store="sh-0012", agent="till-1", **outbox_kw) as outbox:
+            yield line, outbox
     finally:
-        outbox.close()
         line.close()
 
 
@@ -139,7 +114,7 @@ def test_ack_only_after_the_commit(tmp_path: Path) -> None:
                 line.send(frame(txn(1)))
                 assert await line.answers() == A
                 # the moment the POS has its ACK, the event is in the file for anyone to read
-                events = stored(outbox.path)
+                events = stored_events(outbox.path)
                 assert len(events) == 1
                 event = events[0]
                 assert event["type"] == "pos.sale"
@@ -158,7 +133,7 @@ def test_kinds_and_commit_time_when_no_ts(tmp_path: Path) -> None:
                 no_ts = {k: v for k, v in txn(3, kind="void").items() if k != "ts"}
                 line.send(frame(txn(1, kind="return")) + frame(txn(2, kind="sale")) + frame(no_ts))
                 assert await line.answers(count=3) == A * 3
-                events = stored(outbox.path)
+                events = stored_events(outbox.path)
                 assert [e["type"] for e in events] == ["pos.return", "pos.sale", "pos.void"]
                 assert events[2]["ts"].endswith("Z") and events[2]["ts"] != events[0]["ts"]
 
@@ -179,7 +154,7 @@ def test_nak_cases_store_nothing(tmp_path: Path) -> None:
                 assert await line.answers() == N
                 line.send(b"\x02{\"half\"" + frame(txn(2)))  # STX inside an unfinished frame
                 assert await line.answers(count=2) == N + A
-                assert [e["data"]["txn_id"] for e in stored(outbox.path)] == ["R1-000002"]
+                assert [e["data"]["txn_id"] for e in stored_events(outbox.path)] == ["R1-000002"]
 
     asyncio.run(main())
 
@@ -193,7 +168,7 @@ def test_largest_frame_is_accepted(tmp_path: Path) -> None:
                 assert len(payload) == MAX_PAYLOAD
                 await line.send_async(encode_frame(payload))
                 assert await line.answers() == A
-                assert stored(outbox.path)[0]["type"] == "pos.sale"
+                assert stored_events(outbox.path)[0]["type"] == "pos.sale"
 
     asyncio.run(main())
 
@@ -204,7 +179,7 @@ def test_garbage_before_a_frame(tmp_path: Path) -> None:
             async with running(line.path, outbox):
                 line.send(b"\xff\x00garbage\x03\x15" + frame(txn(1)))
                 assert await line.answers(count=2) == N + A
-                assert len(stored(outbox.path)) == 1
+                assert len(stored_events(outbox.path)) == 1
 
     asyncio.run(main())
 
@@ -215,18 +190,18 @@ def test_partial_frames_across_reads(tmp_path: Path) -> None:
             async with running(line.path, outbox):
                 data = frame(txn(1)) + frame(txn(2))
                 for cut in (1, 7, len(data) // 2 - 1, len(data) // 2, len(data) - 1):
-                    outbox_before = len(stored(outbox.path))
+                    outbox_before = len(stored_events(outbox.path))
                     line.send(data[:cut])
-                    await until(lambda: line.unread() == 0)  # the driver has read the first piece
+                    assert await wait_until_async(lambda: line.unread() == 0, 10)  # the driver has read the first piece
                     line.send(data[cut:])
                     assert await line.answers(count=2) == A * 2
-                    assert len(stored(outbox.path)) == outbox_before + (2 if cut == 1 else 0)
+                    assert len(stored_events(outbox.path)) == outbox_before + (2 if cut == 1 else 0)
                 small = frame(txn(3))
                 for byte in small:  # one byte per read
                     line.send(bytes([byte]))
-                    await until(lambda: line.unread() == 0)
+                    assert await wait_until_async(lambda: line.unread() == 0, 10)
                 assert await line.answers() == A
-                assert sorted(e["data"]["txn_id"] for e in stored(outbox.path)) == ["R1-000001", "R1-000002",
+                assert sorted(e["data"]["txn_id"] for e in stored_events(outbox.path)) == ["R1-000001", "R1-000002",
                                                                                     "R1-000003"]
 
     asyncio.run(main())
@@ -243,7 +218,7 @@ def test_invalid_transaction_is_kept_and_acked(tmp_path: Path) -> None:
                 assert await line.answers() == A
                 line.send(encode_frame(money_as_number))  # the POS resent it: kept once
                 assert await line.answers() == A
-                events = stored(outbox.path)
+                events = stored_events(outbox.path)
                 assert [e["type"] for e in events] == ["pos.invalid", "pos.invalid"]
                 assert events[0]["data"]["raw"] == "bm90IGpzb24gYXQgYWxs"
                 assert events[0]["data"]["reason"].startswith("payload is not JSON")
@@ -265,7 +240,7 @@ def test_duplicate_txn_id_is_acked_and_stored_once(tmp_path: Path) -> None:
                 other_register = txn(1, register="R2")
                 line.send(frame(other_register))  # same txn_id from another register is another txn
                 assert await line.answers() == A
-                events = stored(outbox.path)
+                events = stored_events(outbox.path)
                 assert [(e["data"]["register"], e["data"]["total"]) for e in events] == [("R1", "12.50"),
                                                                                          ("R2", "12.50")]
 
@@ -282,19 +257,19 @@ def test_buffer_full_gets_no_ack_until_there_is_room(tmp_path: Path) -> None:
                 with contextlib.suppress(BufferFull):
                     for _ in range(100):  # fill the cap with POS events (never dropped)
                         await outbox.commit([Event("pos.sale", {"pad": "x" * 300}, "pos:other")])
-                held = len(stored(outbox.path))
+                held = len(stored_events(outbox.path))
                 # a new transaction, a resend of a committed one, then junk: answers come in order,
                 # so exactly ACK (the resend) then NAK (the junk) proves the new one got nothing
                 line.send(frame(txn(2)) + frame(txn(1)) + b"junk")
                 assert await line.answers(until=N) == A + N
-                assert len(stored(outbox.path)) == held
+                assert len(stored_events(outbox.path)) == held
                 assert "buffer full" in (health.snapshot()[0]["error"] or "")
                 # the broker takes the backlog: room again, and the POS's resend is ACKed
                 outbox.acked(read_chunks(outbox.read_conn(), 0, 1000))
                 await asyncio.to_thread(outbox.flush)
                 line.send(frame(txn(2)))
                 assert await line.answers() == A
-                assert [e["data"]["txn_id"] for e in stored(outbox.path)] == ["R1-000002"]
+                assert [e["data"]["txn_id"] for e in stored_events(outbox.path)] == ["R1-000002"]
                 assert health.snapshot()[0]["error"] is None
 
     asyncio.run(main())
@@ -324,40 +299,38 @@ def test_answer_is_withheld_when_the_commit_outlasts_the_pos_wait(tmp_path: Path
             sink = GatedSink(outbox)
             async with running(line.path, sink, clock=lambda: now[0], cfg={"ack_timeout_s": 2.0}):
                 line.send(frame(txn(1)))
-                await until(lambda: sink.waiting == 1)
+                assert await wait_until_async(lambda: sink.waiting == 1, 10)
                 now[0] += 2.5  # the POS has given up on this copy and resends it
                 sink.gate.set()
                 line.send(frame(txn(1)) + b"junk")
                 # the late answer to the first copy is withheld: one ACK (the resend), then the NAK
                 assert await line.answers(until=N) == A + N
-                assert len(stored(outbox.path)) == 1
+                assert len(stored_events(outbox.path)) == 1
 
     asyncio.run(main())
 
 
-def test_device_that_disappears_is_reopened_and_a_cut_frame_discarded(tmp_path: Path) -> None:
+def test_device_that_disappears_is_reopened_and_a_cut_frame_discarded(tmp_path: Path, outbox: Outbox) -> None:
     async def main() -> None:
         health = HealthBoard()
         first, second = Line(), Line()
         link = tmp_path / "ttyPOS"
         link.symlink_to(first.path)
-        outbox = Outbox(tmp_path / "buffer.db").start()
         try:
             async with running(str(link), outbox, health):
                 first.send(frame(txn(1)))
                 assert await first.answers() == A
                 first.send(frame(txn(2))[:10])  # cut off: the device goes away mid-frame
-                await until(lambda: first.unread() == 0)
+                assert await wait_until_async(lambda: first.unread() == 0, 10)
                 os.close(first.master)
-                await until(lambda: not device_up(health))
+                assert await wait_until_async(lambda: not device_up(health), 10)
                 link.unlink()
                 link.symlink_to(second.path)  # plugged back in (on another pty)
-                await until(lambda: device_up(health))
+                assert await wait_until_async(lambda: device_up(health), 10)
                 second.send(frame(txn(3)))
                 assert await second.answers() == A  # no NAK: the cut frame died with the old line
-                assert [e["data"]["txn_id"] for e in stored(outbox.path)] == ["R1-000001", "R1-000003"]
+                assert [e["data"]["txn_id"] for e in stored_events(outbox.path)] == ["R1-000001", "R1-000003"]
         finally:
-            outbox.close()
             first.close()
             second.close()
 

@@ -4,12 +4,13 @@ trace through bleak's callback path, and its buffer file, log and MQTT payloads 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from tests.support.agentproc import AgentProcess, wait_until, write_config
+from drivers.ble import demo_trace
+from tests.support.agentproc import AgentProcess, write_config
 from tests.support.subscriber import Collector
+from tests.support.wait import wait_until
 
-TRACE = Path(__file__).resolve().parent.parent / "agent" / "demo" / "ble_store.jsonl"
+TRACE = demo_trace("ble_store.jsonl")
 
 
 def address_forms(address: str) -> set[bytes]:

@@ -26,23 +26,9 @@ from drivers.sim.devices import (
     receipt_bytes,
     write_all,
 )
+from tests.support.buffer import stored_events
 from tests.support.ptys import Pty
-from tests.test_scanner_driver import run, stored, until
-
-
-@pytest.fixture
-def outbox(tmp_path: Path):
-    box = Outbox(tmp_path / "buffer.db").start()
-    yield box
-    box.close()
-
-
-@pytest.fixture
-def ptys():
-    pos, printer = Pty(), Pty()
-    yield pos, printer
-    pos.close()
-    printer.close()
+from tests.support.wait import run_async, wait_until_async
 
 
 def tap_cfg(port: str, forward_to: str | None, patterns: dict[str, str] | None = None) -> PosSection:
@@ -77,7 +63,7 @@ class Collector:
 async def with_tap(tap: ReceiptTap, body: Callable[[], Awaitable[None]], wait_printer: bool = True) -> None:
     task = asyncio.create_task(tap.run())
     try:
-        await until(lambda: tap.pos.alive and (not wait_printer or tap.printer is None or tap.printer.alive)
+        assert await wait_until_async(lambda: tap.pos.alive and (not wait_printer or tap.printer is None or tap.printer.alive, 10)
                     or task.done())
         assert not task.done()
         await body()
@@ -112,12 +98,12 @@ def test_every_byte_reaches_the_printer_unchanged(outbox: Outbox, ptys: tuple[Pt
                 await write_all(pos.master, stream[i : i + n])
                 i += n
                 k += 1
-            await until(lambda: len(got.data) >= len(stream))
+            assert await wait_until_async(lambda: len(got.data) >= len(stream), 10)
         finally:
             got.stop()
         assert bytes(got.data) == stream
 
-    run(with_tap(tap, body))
+    run_async(with_tap(tap, body))
 
 
 def test_receipts_become_events_with_the_configured_fields(outbox: Outbox, ptys: tuple[Pty, Pty]) -> None:
@@ -129,12 +115,12 @@ def test_receipts_become_events_with_the_configured_fields(outbox: Outbox, ptys:
     async def body() -> None:
         got = Collector(printer.master).start()
         await write_all(pos.master, first + second, chunk=100)
-        await until(lambda: outbox.count == 2)
-        await until(lambda: len(got.data) == len(first) + len(second))
+        assert await wait_until_async(lambda: outbox.count == 2, 10)
+        assert await wait_until_async(lambda: len(got.data) == len(first) + len(second), 10)
         got.stop()
 
-    run(with_tap(tap, body))
-    a, b = stored(outbox)
+    run_async(with_tap(tap, body))
+    a, b = stored_events(outbox)
     assert (a["type"], a["source"]) == ("pos.receipt", "pos:front-2")
     assert a["data"]["lines"] == extract_receipts(first)[0].lines
     assert "鲜丰便利店（南京西路店）" in a["data"]["lines"]
@@ -157,16 +143,16 @@ def test_printer_replies_reach_the_pos(outbox: Outbox, ptys: tuple[Pty, Pty]) ->
     async def body() -> None:
         at_printer, at_pos = Collector(printer.master).start(), Collector(pos.master).start()
         os.write(pos.master, b"\x10\x04\x01")  # DLE EOT 1: transmit printer status
-        await until(lambda: bytes(at_printer.data) == b"\x10\x04\x01")
+        assert await wait_until_async(lambda: bytes(at_printer.data) == b"\x10\x04\x01", 10)
         os.write(printer.master, bytes([STATUS_OK]))
-        await until(lambda: bytes(at_pos.data) == bytes([STATUS_OK]))
+        assert await wait_until_async(lambda: bytes(at_pos.data) == bytes([STATUS_OK]), 10)
         os.write(printer.master, bytes(range(256)))  # ASB and anything else: unchanged too
-        await until(lambda: len(at_pos.data) == 257)
+        assert await wait_until_async(lambda: len(at_pos.data) == 257, 10)
         at_printer.stop()
         at_pos.stop()
         assert bytes(at_pos.data) == bytes([STATUS_OK]) + bytes(range(256))
 
-    run(with_tap(tap, body))
+    run_async(with_tap(tap, body))
 
 
 def test_with_the_demo_pos_and_printer(outbox: Outbox, ptys: tuple[Pty, Pty]) -> None:
@@ -179,15 +165,15 @@ def test_with_the_demo_pos_and_printer(outbox: Outbox, ptys: tuple[Pty, Pty]) ->
         sim = asyncio.create_task(printer_sim.run())
         try:
             sent = [await pos_sim.print_receipt() for _ in range(3)]
-            await until(lambda: outbox.count == 3)
-            await until(lambda: printer_sim.received == sum(len(s) + 3 for s in sent))
+            assert await wait_until_async(lambda: outbox.count == 3, 10)
+            assert await wait_until_async(lambda: printer_sim.received == sum(len(s) + 3 for s in sent), 10)
         finally:
             sim.cancel()
         assert pos_sim.statuses == [STATUS_OK] * 3  # each DLE EOT answered through the tap
         assert printer_sim.cuts == 3
 
-    run(with_tap(tap, body))
-    for event in stored(outbox):
+    run_async(with_tap(tap, body))
+    for event in stored_events(outbox):
         data = event["data"]
         assert data["lines"][1] == "鲜丰便利店（南京西路店）"
         assert "Thank you, welcome back!" in data["lines"]
@@ -204,32 +190,32 @@ def test_absent_printer_does_not_block_the_pos(outbox: Outbox, tmp_path: Path) -
 
     async def body() -> None:
         await write_all(pos.master, receipts)
-        await until(lambda: outbox.count == 2)  # read and committed with no printer at all
+        assert await wait_until_async(lambda: outbox.count == 2, 10)  # read and committed with no printer at all
         states = {s["kind"]: s for s in health.snapshot()}
         assert states["pos"]["up"] is True
         assert states["printer"]["up"] is False and "No such file" in states["printer"]["error"]
         got = Collector(printer.master).start()
         link.symlink_to(printer.path)  # plugged in: what was held is printed, in order
-        await until(lambda: len(got.data) == len(receipts))
+        assert await wait_until_async(lambda: len(got.data) == len(receipts), 10)
         assert bytes(got.data) == receipts
         # unplug and plug in again: forwarding goes on
         got.stop()
         link.unlink()
         printer.close()
-        await until(lambda: not tap.printer.alive)
+        assert await wait_until_async(lambda: not tap.printer.alive, 10)
         await write_all(pos.master, sample_receipt(3))
-        await until(lambda: outbox.count == 3)
+        assert await wait_until_async(lambda: outbox.count == 3, 10)
         again = Pty()
         try:
             got = Collector(again.master).start()
             link.symlink_to(again.path)
-            await until(lambda: bytes(got.data) == sample_receipt(3))
+            assert await wait_until_async(lambda: bytes(got.data) == sample_receipt(3), 10)
             got.stop()
         finally:
             again.close()
 
     try:
-        run(with_tap(tap, body, wait_printer=False))
+        run_async(with_tap(tap, body, wait_printer=False))
     finally:
         pos.close()
         printer.close()
@@ -246,19 +232,19 @@ def test_printer_away_too_long_drops_oldest_at_a_receipt_start(outbox: Outbox, t
 
     async def body() -> None:
         await write_all(pos.master, b"".join(receipts))
-        await until(lambda: outbox.count == 5)  # every receipt still becomes an event
+        assert await wait_until_async(lambda: outbox.count == 5, 10)  # every receipt still becomes an event
         assert tap.printer.dropped == sum(len(r) for r in receipts[:3])
         got = Collector(printer.master).start()
         link.symlink_to(printer.path)
-        await until(lambda: len(got.data) == len(receipts[3]) + len(receipts[4]))
+        assert await wait_until_async(lambda: len(got.data) == len(receipts[3]) + len(receipts[4]), 10)
         got.stop()
         assert bytes(got.data) == receipts[3] + receipts[4]  # whole receipts, from their ESC @
         states = {s["kind"]: s for s in health.snapshot()}
-        await until(lambda: "dropped" in (health.snapshot()[1]["error"] or ""))
+        assert await wait_until_async(lambda: "dropped" in (health.snapshot()[1]["error"] or ""), 10)
         assert states["pos"]["up"] is True
 
     try:
-        run(with_tap(tap, body, wait_printer=False))
+        run_async(with_tap(tap, body, wait_printer=False))
     finally:
         pos.close()
         printer.close()
@@ -270,10 +256,10 @@ def test_listen_only_without_forward_to(outbox: Outbox, ptys: tuple[Pty, Pty]) -
 
     async def body() -> None:
         await write_all(pos.master, sample_receipt(9))
-        await until(lambda: outbox.count == 1)
+        assert await wait_until_async(lambda: outbox.count == 1, 10)
 
-    run(with_tap(tap, body))
-    assert stored(outbox)[0]["data"]["total"] == "8.50"
+    run_async(with_tap(tap, body))
+    assert stored_events(outbox)[0]["data"]["total"] == "8.50"
 
 
 def test_unfinished_receipt_at_shutdown_is_kept_as_partial(outbox: Outbox, ptys: tuple[Pty, Pty]) -> None:
@@ -283,10 +269,10 @@ def test_unfinished_receipt_at_shutdown_is_kept_as_partial(outbox: Outbox, ptys:
 
     async def body() -> None:
         os.write(pos.master, b"\x1b@" + head)
-        await until(lambda: tap.bytes_in == 2 + len(head))
+        assert await wait_until_async(lambda: tap.bytes_in == 2 + len(head), 10)
 
-    run(with_tap(tap, body))
-    (event,) = stored(outbox)
+    run_async(with_tap(tap, body))
+    (event,) = stored_events(outbox)
     assert event["data"] == {"lines": ["合计：12.00"], "partial": True}
 
 

@@ -8,7 +8,6 @@ import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import orjson
 import pytest
 
 from agent.buffer import Outbox, read_chunks
@@ -17,9 +16,12 @@ from agent.core.envelope import Event
 from agent.health import HealthBoard
 from agent.protocols.scan import decode_scan
 from agent.sink import BufferFull
-from drivers.scanner import CommitQueue, ScannerDriver
+from drivers.scanner import ScannerDriver
+from drivers.serialport import CommitQueue
 from drivers.sim.devices import ScannerSimulator, scanner_reads, write_all
+from tests.support.buffer import stored_events
 from tests.support.ptys import Pty
+from tests.support.wait import run_async, wait_until_async
 
 GS = b"\x1d"
 
@@ -36,48 +38,15 @@ READS = [
 ]
 
 
-@pytest.fixture
-def outbox(tmp_path: Path):
-    box = Outbox(tmp_path / "buffer.db").start()
-    yield box
-    box.close()
-
-
-@pytest.fixture
-def pty():
-    p = Pty()
-    yield p
-    p.close()
-
-
-def stored(box: Outbox) -> list[dict]:
-    """Every envelope in the buffer, in seq order."""
-    return [e for c in read_chunks(box.read_conn(), 0, 1_000_000) for e in orjson.loads(b"[" + c.body + b"]")]
-
-
-async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
-    """Wait for `cond()` to be true, failing after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
-
-
 async def with_driver(driver: ScannerDriver, body: Callable[[], Awaitable[None]]) -> None:
     task = asyncio.create_task(driver.run())
     try:
-        await until(lambda: driver.up or task.done())
+        assert await wait_until_async(lambda: driver.up or task.done(), 10)
         assert not task.done()
         await body()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-def run(coro: Awaitable[None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 30))
 
 
 def scanner(port: str, terminator: str = "auto", **kw) -> ScannerSection:
@@ -101,10 +70,10 @@ def test_every_terminator_and_aim_prefix(outbox: Outbox, pty: Pty, terminator: s
     async def body() -> None:
         stream = b"".join(raw + endings[i % len(endings)] for i, raw in enumerate(reads))
         await write_all(pty.master, stream)
-        await until(lambda: outbox.count == len(reads))
+        assert await wait_until_async(lambda: outbox.count == len(reads), 10)
 
-    run(with_driver(driver, body))
-    events = stored(outbox)
+    run_async(with_driver(driver, body))
+    events = stored_events(outbox)
     assert [e["type"] for e in events] == ["scan.read"] * len(reads)
     assert {e["source"] for e in events} == {"scanner:desk"}
     assert [e["data"] for e in events] == [decode_scan(raw) for raw in reads]
@@ -125,11 +94,11 @@ def test_read_split_across_writes(outbox: Outbox, pty: Pty) -> None:
         # one byte per write, each seen by the driver before the next (a slow UART)
         for i in range(len(read)):
             os.write(pty.master, read[i : i + 1])
-            await until(lambda i=i: driver.bytes_in == i + 1)
-        await until(lambda: outbox.count == 1)
+            assert await wait_until_async(lambda i=i: driver.bytes_in == i + 1, 10)
+        assert await wait_until_async(lambda: outbox.count == 1, 10)
 
-    run(with_driver(driver, body))
-    (event,) = stored(outbox)
+    run_async(with_driver(driver, body))
+    (event,) = stored_events(outbox)
     assert event["data"] == decode_scan(read)
     assert event["data"]["valid"] is True
 
@@ -148,12 +117,12 @@ def test_many_reads_in_random_chunks_none_lost(outbox: Outbox, pty: Pty) -> None
             pos += n
             if rng.random() < 0.3:
                 done = min(pos, len(stream))
-                await until(lambda done=done: driver.bytes_in == done)
-        await until(lambda: outbox.count == len(reads))
+                assert await wait_until_async(lambda done=done: driver.bytes_in == done, 10)
+        assert await wait_until_async(lambda: outbox.count == len(reads), 10)
 
-    run(with_driver(driver, body))
-    assert [e["data"]["data"] for e in stored(outbox)] == [decode_scan(r)["data"] for r in reads]
-    assert [e["seq"] for e in stored(outbox)] == list(range(1, len(reads) + 1))
+    run_async(with_driver(driver, body))
+    assert [e["data"]["data"] for e in stored_events(outbox)] == [decode_scan(r)["data"] for r in reads]
+    assert [e["seq"] for e in stored_events(outbox)] == list(range(1, len(reads) + 1))
 
 
 def test_unplug_and_replug_through_a_by_id_link(outbox: Outbox, tmp_path: Path) -> None:
@@ -165,27 +134,27 @@ def test_unplug_and_replug_through_a_by_id_link(outbox: Outbox, tmp_path: Path) 
 
     async def body() -> None:
         os.write(first.master, b"]E06901234567892\r\n")
-        await until(lambda: outbox.count == 1)
+        assert await wait_until_async(lambda: outbox.count == 1, 10)
         os.write(first.master, b"]E0690123")  # cut off by the unplug: not a read
-        await until(lambda: driver.bytes_in == 18 + 9)
+        assert await wait_until_async(lambda: driver.bytes_in == 18 + 9, 10)
         # unplug: udev removes the link, the device node goes away, the open fd gets EIO
         link.unlink()
         first.close()
-        await until(lambda: not driver.up)
+        assert await wait_until_async(lambda: not driver.up, 10)
         state = health.snapshot()[0]
         assert state["up"] is False and state["error"]
         # replug: a new node, the same by-id link
         link.symlink_to(second.path)
-        await until(lambda: driver.opens == 2)
+        assert await wait_until_async(lambda: driver.opens == 2, 10)
         os.write(second.master, b"]E04006381333931\r\n")
-        await until(lambda: outbox.count == 2)
+        assert await wait_until_async(lambda: outbox.count == 2, 10)
 
     try:
-        run(with_driver(driver, body))
+        run_async(with_driver(driver, body))
     finally:
         first.close()
         second.close()
-    assert [e["data"]["gtin"] for e in stored(outbox)] == ["06901234567892", "04006381333931"]
+    assert [e["data"]["gtin"] for e in stored_events(outbox)] == ["06901234567892", "04006381333931"]
     assert health.snapshot()[0]["up"] is True
 
 
@@ -201,16 +170,16 @@ def test_link_moved_to_another_device_while_the_old_one_stays_quiet(outbox: Outb
         os.replace(tmp, link)  # the old node is still open and silent; the path leads elsewhere now
         # the driver notices and opens the new node (pyserial flushes its input at open, and
         # cdc-acm drops what arrives while nobody has the tty open, so write only after that)
-        await until(lambda: driver.opens == 2)
+        assert await wait_until_async(lambda: driver.opens == 2, 10)
         os.write(second.master, b"]Q1PK000001\r\n")
-        await until(lambda: outbox.count == 1)
+        assert await wait_until_async(lambda: outbox.count == 1, 10)
 
     try:
-        run(with_driver(driver, body))
+        run_async(with_driver(driver, body))
     finally:
         first.close()
         second.close()
-    assert stored(outbox)[0]["data"]["data"] == "PK000001"
+    assert stored_events(outbox)[0]["data"]["data"] == "PK000001"
 
 
 def test_missing_port_is_reported_and_opened_when_it_appears(outbox: Outbox, tmp_path: Path) -> None:
@@ -222,19 +191,19 @@ def test_missing_port_is_reported_and_opened_when_it_appears(outbox: Outbox, tmp
     async def main() -> None:
         task = asyncio.create_task(driver.run())
         try:
-            await until(lambda: health.snapshot() != [])
+            assert await wait_until_async(lambda: health.snapshot() != [], 10)
             state = health.snapshot()[0]
             assert state["up"] is False and "No such file" in state["error"]
             link.symlink_to(p.path)
-            await until(lambda: driver.up)
+            assert await wait_until_async(lambda: driver.up, 10)
             os.write(p.master, b"]E06901234567892\n")
-            await until(lambda: outbox.count == 1)
+            assert await wait_until_async(lambda: outbox.count == 1, 10)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
     try:
-        run(main())
+        run_async(main())
     finally:
         p.close()
 
@@ -253,16 +222,16 @@ def test_buffer_full_retries_until_room_and_keeps_order(tmp_path: Path, pty: Pty
 
         async def body() -> None:
             os.write(pty.master, b"]E06901234567892\r\n]Q1PK111111\r\n")
-            await until(lambda: "buffer full" in (health.snapshot()[0]["error"] or ""))
+            assert await wait_until_async(lambda: "buffer full" in (health.snapshot()[0]["error"] or ""), 10)
             os.write(pty.master, b"]Q1PK222222\r\n")
-            await until(lambda: driver.reads == 3)
+            assert await wait_until_async(lambda: driver.reads == 3, 10)
             assert box.count == before  # nothing got in, nothing was dropped
             box.acked(read_chunks(box.read_conn(), 0, 1000))  # the uplink sends: room again
-            await until(lambda: box.count == 3)
-            await until(lambda: health.snapshot()[0]["error"] is None)
+            assert await wait_until_async(lambda: box.count == 3, 10)
+            assert await wait_until_async(lambda: health.snapshot()[0]["error"] is None, 10)
 
-        run(with_driver(driver, body))
-        assert [e["data"]["data"] for e in stored(box)] == ["6901234567892", "PK111111", "PK222222"]
+        run_async(with_driver(driver, body))
+        assert [e["data"]["data"] for e in stored_events(box)] == ["6901234567892", "PK111111", "PK222222"]
         assert driver.queue.dropped == 0
     finally:
         box.close()
@@ -273,15 +242,15 @@ def test_reads_waiting_at_shutdown_get_a_last_commit(outbox: Outbox, pty: Pty) -
 
     async def main() -> None:
         task = asyncio.create_task(driver.run())
-        await until(lambda: driver.up)
+        assert await wait_until_async(lambda: driver.up, 10)
         driver.queue._wakeup.set = lambda: None  # the committer never wakes: reads stay pending
         os.write(pty.master, b"]Q1PK333333\r\n")
-        await until(lambda: len(driver.queue.pending) == 1)
+        assert await wait_until_async(lambda: len(driver.queue.pending) == 1, 10)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    run(main())
-    assert [e["data"]["data"] for e in stored(outbox)] == ["PK333333"]
+    run_async(main())
+    assert [e["data"]["data"] for e in stored_events(outbox)] == ["PK333333"]
 
 
 def test_with_the_demo_simulator(outbox: Outbox, pty: Pty) -> None:
@@ -292,10 +261,10 @@ def test_with_the_demo_simulator(outbox: Outbox, pty: Pty) -> None:
     async def body() -> None:
         for read in reads:
             await sim.send(read)
-        await until(lambda: outbox.count == len(reads))
+        assert await wait_until_async(lambda: outbox.count == len(reads), 10)
 
-    run(with_driver(driver, body))
-    data = [e["data"] for e in stored(outbox)]
+    run_async(with_driver(driver, body))
+    data = [e["data"] for e in stored_events(outbox)]
     assert [d["aim"] for d in data] == ["]E0", "]C1", "]d2", "]Q1", "]Q1"]
     # every simulated GS1 read is well-formed: the demo shows valid GS1 data
     assert all(d["valid"] for d in data), [d["errors"] for d in data]
@@ -314,11 +283,11 @@ def test_an_event_that_cannot_be_encoded_does_not_block_the_others(outbox: Outbo
             queue.put(Event("scan.read", {"data": "A"}, "scanner:x"))
             queue.put(Event("scan.read", {"data": object()}, "scanner:x"))  # not JSON
             queue.put(Event("scan.read", {"data": "C"}, "scanner:x"))
-            await until(lambda: not queue.pending)
+            assert await wait_until_async(lambda: not queue.pending, 10)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    run(main())
-    assert [e["data"]["data"] for e in stored(outbox)] == ["A", "C"]
+    run_async(main())
+    assert [e["data"]["data"] for e in stored_events(outbox)] == ["A", "C"]
     assert (queue.committed, queue.dropped) == (2, 1)

@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,11 @@ def parse_record(obj: Any) -> TraceRecord:
     return TraceRecord(float(t), address, rssi, md, sd, local_name, adapter)
 
 
-def load_trace(path: str | Path) -> list[TraceRecord]:
-    """Every record of a trace file, in time order."""
+def load_trace(path: str | Path | Traversable) -> list[TraceRecord]:
+    """Every record of a trace file (a path, or package data from importlib.resources), in time order."""
     records: list[TraceRecord] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with (open(path, encoding="utf-8") if isinstance(path, str) else path.open(encoding="utf-8")) as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -11,7 +11,8 @@ device and the simulator here drives the master (a non-blocking fd):
 - `PrinterSimulator`: a receipt printer that takes everything and answers real-time status
   requests (DLE EOT n) the way an Epson TM does.
 
-Receipt lines match the demo config's `[pos.patterns]` (see `DEMO_PATTERNS`).
+Receipt lines match the demo config's `[pos.patterns]` (see `DEMO_PATTERNS`). Products come from
+the demo store's one catalogue (`drivers.sim.catalogue`), shared with the stxetx POS simulator.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from biip.checksums import gs1_standard_check_digit
+from drivers.sim.catalogue import CATALOGUE
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,6 @@ DEMO_PATTERNS = {
 # An Epson TM answers DLE EOT 1..4 with one byte; 0x12 (fixed bits 1 and 4 set) means online,
 # cover closed, paper present, no error.
 STATUS_OK = 0x12
-
-CATALOGUE = [  # (GTIN-13 without its check digit, name, unit price in fen)
-    ("690123456789", "农夫山泉 550ml", 200),
-    ("692010000123", "康师傅红烧牛肉面", 450),
-    ("690123456001", "光明纯牛奶 250ml", 350),
-    ("695000012345", "奥利奥饼干 116g", 990),
-    ("693520001122", "金龙鱼大米 5kg", 4590),
-    ("950600013435", "Imported Coffee Beans 250g", 6800),
-]
-
-
-def gtin13(body12: str) -> str:
-    """A GTIN-13 with its check digit."""
-    return f"{body12}{gs1_standard_check_digit(body12)}"
-
 
 async def wait_fd(fd: int, *, write: bool, timeout: float | None = None) -> bool:
     """Wait until `fd` is readable (or writable); False on timeout."""
@@ -99,8 +85,8 @@ async def write_all(fd: int, data: bytes, chunk: int = 4096) -> None:
 
 def scanner_reads(rng: random.Random) -> list[bytes]:
     """One of each kind of read a store's imager sends, AIM prefix and CR LF included."""
-    gtin = gtin13(rng.choice(CATALOGUE)[0])
-    gtin14 = "0" + gtin
+    product = rng.choice(CATALOGUE)
+    gtin, gtin14 = product.gtin, product.gtin14
     expiry = f"{rng.randint(26, 28)}{rng.randint(1, 12):02d}{rng.choice([0, 15, 28]):02d}"
     batch = f"L{rng.randint(1000, 9999)}"
     weight_g = rng.randint(150, 2500)
@@ -246,7 +232,7 @@ class PrintingPosSimulator:
         """The bytes of the next receipt, with a random basket."""
         self.number += 1
         picks = self.rng.sample(CATALOGUE, self.rng.randint(1, 4))
-        lines = [Line(gtin13(g), name, self.rng.randint(1, 3), fen) for g, name, fen in picks]
+        lines = [Line(p.gtin, p.name, self.rng.randint(1, 3), p.fen) for p in picks]
         member = f"88{self.rng.randint(10**7, 10**8 - 1)}" if self.rng.random() < 0.6 else None
         coupon = self.rng.choice(["MJ-20OFF", "NEW-5", None, None])
         return receipt_bytes(self.number, lines, member, coupon, time.time(), self.register)

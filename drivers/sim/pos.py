@@ -1,7 +1,8 @@
 """A simulated POS for the demo store: rings up transactions on a pty, the way a real till does.
 
 It speaks `stxetx` (contract section 4.1) on the pty master: one frame at a time, waits for the
-answer, resends on NAK or after 2 s of silence, and moves on only after an ACK.
+answer, resends on NAK or after 2 s of silence, and moves on only after an ACK. It sells from the
+demo store's one catalogue (`drivers.sim.catalogue`).
 """
 
 from __future__ import annotations
@@ -17,35 +18,11 @@ from decimal import Decimal
 import orjson
 
 from agent.protocols.stxetx import ACK, NAK, encode_frame
+from drivers.sim.catalogue import CATALOGUE
 
 log = logging.getLogger(__name__)
 
 RESEND_AFTER_S = 2.0
-
-# (GTIN, name, unit price in CNY): a small convenience-store catalogue; `gtin` recomputes the check digit.
-CATALOGUE: tuple[tuple[str, str, str], ...] = (
-    ("06901234567892", "矿泉水 550ml", "2.00"),
-    ("06920202888883", "绿茶 500ml", "3.50"),
-    ("06922255451427", "方便面 桶装", "4.50"),
-    ("06901028075015", "香烟 软装", "20.00"),
-    ("06902083886455", "纯牛奶 250ml", "3.00"),
-    ("06921168509256", "苏打饼干", "6.80"),
-    ("06903148144637", "洗发水 400ml", "29.90"),
-    ("06925303721367", "酸奶 200g", "5.50"),
-    ("06954767412345", "面包 切片", "9.90"),
-    ("06917878036526", "咖啡 罐装", "6.00"),
-)
-
-
-def _check_digit(body: str) -> str:
-    total = sum(int(d) * (3 if i % 2 == 0 else 1) for i, d in enumerate(reversed(body)))
-    return str((10 - total % 10) % 10)
-
-
-def gtin(code13: str) -> str:
-    """A GTIN-14 with a correct check digit from its first 13 digits."""
-    return code13 + _check_digit(code13)
-
 
 class PosSimulator:
     """A till on `master_fd` (a pty master) selling `rate_per_min` transactions a minute on average."""
@@ -81,10 +58,10 @@ class PosSimulator:
         picks = rng.sample(CATALOGUE, rng.randint(1, 1 if kind == "return" else 5))
         items = []
         total = Decimal(0)
-        for code, name, price in picks:
+        for product in picks:
             qty = rng.choice((1, 1, 1, 2, 3)) if kind != "return" else 1
-            items.append({"gtin": gtin(code[:13]), "name": name, "qty": qty, "unit_price": price})
-            total += Decimal(price) * qty
+            items.append({"gtin": product.gtin14, "name": product.name, "qty": qty, "unit_price": product.price})
+            total += Decimal(product.price) * qty
         payload: dict[str, object] = {
             "txn_id": txn_id,
             "register": self.register,

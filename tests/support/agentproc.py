@@ -1,4 +1,8 @@
-"""The real agent as a subprocess (`store-agent run --config FILE`), for integration tests."""
+"""The real agent as a subprocess (`store-agent run --config FILE`), for integration tests.
+
+`STORE_AGENT` is the one place tests find the executable: the console script beside the running
+interpreter, so each worktree's tests run that worktree's agent.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,24 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import Outbox
-from agent.core.envelope import Event
+from tests.support.buffer import prefill
+from tests.support.wait import wait_until
 
 STORE_AGENT = str(Path(sys.executable).with_name("store-agent"))
 
+__all__ = ["STORE_AGENT", "AgentProcess", "prefill", "status_json", "wait_until", "write_config"]
+
 
 def write_config(path: Path, data_dir: Path, broker_port: int | None, extra: str = "", *,
-                 mqtt_extra: str = "", api_port: int | None = None, tenant: str = "acme", store: str = "s1", agent: str = "a1") -> Path:
+                 mqtt_extra: str = "", api_port: int | None = None, tenant: str = "acme", store: str = "s1",
+                 agent: str = "a1") -> Path:
     """A minimal agent.toml for tests: loopback broker without TLS (or none), API off unless a port is given.
 
-    `mqtt_extra` goes into [mqtt]; `extra` follows the sections (e.g. `[[pos]]` tables).
+    `mqtt_extra` goes into [mqtt]; `extra` follows the sections (e.g. `[[pos]]` tables; `toml_table`
+    writes one).
     """
     mqtt = (f'host = "127.0.0.1"\nport = {broker_port}\ntls = false\n' if broker_port else "")
     api = (f'listen = "127.0.0.1:{api_port}"\n' if api_port else "enabled = false\n")
@@ -34,14 +41,26 @@ def write_config(path: Path, data_dir: Path, broker_port: int | None, extra: str
     return path
 
 
+def toml_keys(keys: dict[str, Any]) -> str:
+    """`key = value` lines (values as JSON, which TOML reads the same for strings, numbers, booleans)."""
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+
+
+def toml_table(name: str, keys: dict[str, Any]) -> str:
+    """A `[name]` table (or `[[name]]` when `name` is written so) with `keys`."""
+    header = name if name.startswith("[") else f"[{name}]"
+    return f"\n{header}\n{toml_keys(keys)}"
+
+
 class AgentProcess:
-    """Starts, kills (-9) and stops one agent; its stderr goes to a log file."""
+    """Starts, kills (-9) and stops one agent; its stdout and stderr go to a log file."""
 
     def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log = log
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
 
     def start(self) -> AgentProcess:
         with open(self.log, "ab") as log:
@@ -49,6 +68,7 @@ class AgentProcess:
                 [STORE_AGENT, "run", "--config", str(self.config)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
             )
+        self.starts += 1
         return self
 
     @property
@@ -66,6 +86,13 @@ class AgentProcess:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
+    def kill9(self) -> None:
+        """kill -9 an agent that must be running: one that died by itself fails the test."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the agent died by itself ({self.proc.returncode}): {self.tail()}")
+        self.kill()
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit status."""
         assert self.proc is not None
@@ -81,28 +108,27 @@ class AgentProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def tail(self, chars: int = 3000) -> str:
+        """The end of the agent's log, for assertion messages."""
+        return self.log_text()[-chars:]
+
     def wait_log(self, needle: str, timeout: float = 20.0) -> bool:
         """Wait until the agent's log contains `needle` (False on timeout or if it died)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.log_text():
-                return True
-            if not self.alive():
-                return needle in self.log_text()
-            time.sleep(0.02)
-        return False
+        wait_until(lambda: needle in self.log_text() or not self.alive(), timeout)
+        return needle in self.log_text()
 
+    def wait_http(self, url: str, timeout: float = 20.0) -> bool:
+        """Wait until `url` (e.g. the local API's /healthz) answers 200; False on timeout or death."""
+        import httpx  # a test dependency; only tests that run the API need it
 
-def prefill(data_dir: Path, events: list[Event], *, batch: int = 500, chunk_events: int = 500) -> list[str]:
-    """Commit `events` into the agent's own buffer file (acme/s1/a1) before it starts; their ids."""
-    outbox = Outbox(data_dir / "buffer.db", tenant="acme", store="s1", agent="a1", chunk_events=chunk_events).start()
-    ids: list[str] = []
-    try:
-        for start in range(0, len(events), batch):
-            ids += outbox.commit_sync(events[start : start + batch]).ids
-        return ids
-    finally:
-        outbox.close()
+        def answers() -> bool:
+            try:
+                return httpx.get(url, timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(lambda: not self.alive() or answers(), timeout, interval=0.05)
+        return self.alive() and answers()
 
 
 def status_json(config: Path) -> dict[str, Any]:
@@ -110,13 +136,3 @@ def status_json(config: Path) -> dict[str, Any]:
     out = subprocess.run([STORE_AGENT, "status", "--json", "--config", str(config)],
                          capture_output=True, timeout=30, check=True)
     return json.loads(out.stdout)
-
-
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
-    """Poll `predicate()` until it is true or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import struct
+import termios
 import tty
 
 
@@ -20,6 +23,10 @@ class Pty:
         tty.setraw(self.slave)
         os.set_blocking(self.master, False)
         self.path = os.ttyname(self.slave)
+
+    def unread(self) -> int:
+        """Bytes written to the master that the device side has not read yet."""
+        return struct.unpack("i", fcntl.ioctl(self.slave, termios.TIOCINQ, b"\0\0\0\0"))[0]
 
     def close(self) -> None:
         for fd in (self.master, self.slave):

@@ -11,6 +11,8 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.support.wait import wait_until
+
 
 class Collector:
     """Subscribes to `topic` (QoS 1) and keeps every event envelope it receives."""
@@ -59,14 +61,12 @@ class Collector:
 
     def wait_for(self, predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
         """Wait until `predicate(self)` is true; False after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def holds() -> bool:
             with self.lock:
-                if predicate(self):
-                    return True
-            time.sleep(interval)
-        with self.lock:
-            return bool(predicate(self))
+                return bool(predicate(self))
+
+        return wait_until(holds, timeout, interval)
 
     def ids(self) -> set[str]:
         with self.lock:
