@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.protocols.ble import frames_from_ad, frames_from_bleak  # noqa: E402
 from agent.protocols.escpos import ReceiptParser  # noqa: E402
 from agent.protocols.scan import ScanFramer, decode_scan  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
 
 ESC, GS, FS = b"\x1b", b"\x1d", b"\x1c"
 
@@ -84,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0.5, help="time per parser (default 0.5)")
     seconds = parser.parse_args().seconds
+    print_machine()
 
     def ble_ad() -> int:
         for ad in ADVERTS:

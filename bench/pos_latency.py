@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson  # noqa: E402
 
 from agent.protocols.stxetx import ACK, NAK, encode_frame  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
+from tests.support.agentproc import STORE_AGENT as AGENT  # noqa: E402
 
-AGENT = Path(sys.executable).with_name("store-agent")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--no-broker", action="store_true", help="no mosquitto: the agent only buffers")
     parser.add_argument("--data-dir", type=Path, default=None, help="the agent's data_dir (default: a tmp dir)")
     args = parser.parse_args()
+    print_machine()
 
     work = Path(tempfile.mkdtemp(prefix="pos-bench-"))
     data_dir = args.data_dir or work / "data"

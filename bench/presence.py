@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.core.presence import Presence, TagClassifier  # noqa: E402
 from agent.presence_config import BleConfig  # noqa: E402
 from agent.protocols.ble import BleParseError, frames_from_bleak  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
 from drivers.ble import BleDriver  # noqa: E402
 from drivers.sim.ble_replay import TraceRecord, bleak_objects  # noqa: E402
 
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    print_machine()
     stream = make_stream(random.Random(7), args.devices, args.adverts)
     n = len(stream)
     print(

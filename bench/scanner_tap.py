@@ -38,6 +38,7 @@ from agent.buffer import Outbox  # noqa: E402
 from agent.config import PosSection, ScannerSection  # noqa: E402
 from agent.health import HealthBoard  # noqa: E402
 from agent.sink import Committed  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
 from drivers.receipt_tap import ReceiptTap  # noqa: E402
 from drivers.scanner import ScannerDriver  # noqa: E402
 
@@ -181,6 +182,7 @@ async def main() -> None:
     parser.add_argument("--chunks", type=int, default=2000)
     parser.add_argument("--dir", type=Path, default=None, help="where the scanner's outbox file goes")
     args = parser.parse_args()
+    print_machine()
     base = args.dir or Path("var")
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=base) as tmp:
