@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 _HEX = re.compile(r"[0-9a-f]+")
 _ADAPTER = re.compile(r"[A-Za-z0-9_.-]+")
@@ -132,7 +132,7 @@ class BleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
+    enabled: StrictBool = True
     adapter: AdapterName = "hci0"
     scanning_mode: Literal["passive", "active", "auto"] = "auto"
     # A scanner that reports nothing for this long is stopped and started again.
@@ -146,7 +146,7 @@ class BleConfig(BaseModel):
     # A recorded trace (JSON lines) played instead of a radio, for demos.
     replay: Path | None = None
     replay_speed: float = Field(default=1.0, gt=0)
-    replay_loop: bool = True
+    replay_loop: StrictBool = True
 
     @model_validator(mode="after")
     def _unique_names(self) -> BleConfig:

@@ -19,6 +19,13 @@ LOW_PRIORITY_STREAMS = frozenset({"traffic", "metrics", "telemetry"})
 # Never dropped: the agent stops acknowledging the device instead (contract section 4.1).
 CRITICAL_STREAMS = frozenset({"pos", "scan", "command", "pickup"})
 
+# Streams the drivers and the agent itself publish (contract section 2): never admitted from the
+# local API, or HTTP clients could skip the POS dedup or forge the agent's own events.
+AGENT_STREAMS = frozenset(
+    {"pos", "scan", "presence", "traffic", "shelf", "label", "screen", "pickup", "command", "kpi",
+     "system", "metrics", "telemetry"}
+)
+
 PRIORITY_LOW = 0
 PRIORITY_NORMAL = 1
 PRIORITY_CRITICAL = 2

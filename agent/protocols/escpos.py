@@ -34,7 +34,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["EscposError", "Receipt", "ReceiptParser", "decode_escpos", "extract_fields", "extract_receipts"]
+__all__ = [
+    "EscposError", "Receipt", "ReceiptParser", "check_encoding", "compile_patterns", "decode_escpos",
+    "extract_fields", "extract_receipts",
+]
 
 
 class EscposError(ValueError):
@@ -100,7 +103,8 @@ def _le16(buf: bytearray, i: int) -> int:
     return buf[i] | buf[i + 1] << 8
 
 
-def _check_encoding(encoding: str) -> tuple[str, bool]:
+def check_encoding(encoding: str) -> tuple[str, bool]:
+    """(codec name, multibyte) of an encoding the parser can read; EscposError otherwise."""
     try:
         name = codecs.lookup(encoding).name
     except LookupError:
@@ -119,7 +123,7 @@ class ReceiptParser:
     """Incremental ESC/POS stream reader: `feed` chunks, get receipts at each cut."""
 
     def __init__(self, encoding: str = "gb18030") -> None:
-        name, multibyte = _check_encoding(encoding)
+        name, multibyte = check_encoding(encoding)
         self.encoding = name
         self._chinese_codec = name if multibyte else _DEFAULT_CHINESE
         self._default_single = _DEFAULT_SINGLE_BYTE if multibyte else name
@@ -463,6 +467,17 @@ def _match_value(match: re.Match[str]) -> str:
     return match.group(0).strip()
 
 
+def compile_patterns(patterns: Mapping[str, str]) -> dict[str, re.Pattern[str]]:
+    """Each field's regex compiled (re.MULTILINE); EscposError naming the field for a bad one."""
+    compiled = {}
+    for key, pattern in patterns.items():
+        try:
+            compiled[key] = re.compile(pattern, re.MULTILINE)
+        except re.error as exc:
+            raise EscposError(f"pattern for {key!r} is not a valid regex: {exc}") from None
+    return compiled
+
+
 def extract_fields(lines: Sequence[str], patterns: Mapping[str, str]) -> dict:
     """Apply per-store regexes to a receipt's lines.
 
@@ -473,11 +488,7 @@ def extract_fields(lines: Sequence[str], patterns: Mapping[str, str]) -> dict:
     """
     text = "\n".join(lines)
     fields: dict = {}
-    for key, pattern in patterns.items():
-        try:
-            regex = re.compile(pattern, re.MULTILINE)
-        except re.error as exc:
-            raise EscposError(f"pattern for {key!r} is not a valid regex: {exc}") from None
+    for key, regex in compile_patterns(patterns).items():
         if key in _ITEM_FIELDS:
             fields[key] = [
                 {k: (v.strip() if v is not None else None) for k, v in m.groupdict().items()}
