@@ -449,6 +449,17 @@ def check_start(cfg: AgentConfig) -> None:
     data_dir = cfg.agent.data_dir
     if data_dir.exists() and not data_dir.is_dir():
         raise ConfigError(located("agent.data_dir", f"{data_dir} is not a directory"))
+    for key, path in config_files(cfg):
+        readable_file(key, path)
+    m = cfg.mqtt
+    if m.host is not None and not m.tls and not m.insecure_plaintext and not m.is_loopback:
+        raise ConfigError(located(
+            "mqtt.tls", f"the broker {m.host} is not on loopback and tls = false: the password and every "
+            "event would cross the network in plaintext (set tls = true, or [mqtt] insecure_plaintext = true)"))
+
+
+def config_files(cfg: AgentConfig) -> list[tuple[str, Path]]:
+    """(key, path) of every file the running agent will read."""
     files: list[tuple[str, Path | None]] = [
         ("mqtt.password_file", cfg.mqtt.password_file),
         ("mqtt.ca_file", cfg.mqtt.ca_file),
@@ -458,17 +469,11 @@ def check_start(cfg: AgentConfig) -> None:
     if cfg.local_api.enabled:
         files += [("local_api.token_file", cfg.local_api.token_file),
                   ("local_api.dashboard_password_file", cfg.local_api.dashboard_password_file)]
-    for key, path in files:
-        if path is not None:
-            _readable_file(key, path)
-    m = cfg.mqtt
-    if m.host is not None and not m.tls and not m.insecure_plaintext and not m.is_loopback:
-        raise ConfigError(located(
-            "mqtt.tls", f"the broker {m.host} is not on loopback and tls = false: the password and every "
-            "event would cross the network in plaintext (set tls = true, or [mqtt] insecure_plaintext = true)"))
+    return [(key, path) for key, path in files if path is not None]
 
 
-def _readable_file(key: str, path: Path) -> None:
+def readable_file(key: str, path: Path) -> None:
+    """ConfigError `key: path: reason` unless `path` is a file this process can open for reading."""
     try:
         with open(path, "rb"):
             pass

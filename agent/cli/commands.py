@@ -37,10 +37,14 @@ def fail(message: str, code: int = 2) -> None:
 
 def _config(path: str | None, *, starting: bool = False) -> AgentConfig:
     """The validated config; with `starting`, also the checks before anything starts (files, TLS)."""
+    where = config_path(path)
     try:
-        cfg = load(config_path(path))
+        cfg = load(where)
         if starting:
-            check_start(cfg)
+            try:
+                check_start(cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         return cfg
     except ConfigError as exc:
         fail(str(exc))

@@ -22,7 +22,8 @@ Decisions where the reference leaves room:
 - `ESC @` empties the print buffer like the printer does: an unfinished line is dropped, and the
   code page and Chinese mode go back to their defaults.
 - A line that holds only a column-format bit image (`ESC *`, printed with the next LF, as
-  escpos-php does for logos) is not a blank line and is left out.
+  escpos-php does for logos) is kept as "": the LF ended a line on paper, and section 4.2 keeps
+  every line an LF ends (the image itself is never text).
 - An unknown ESC/GS/FS command skips the two command bytes. Nothing but a bad `encoding` or a
   bad field pattern raises: random bytes produce some text, never an exception.
 """
@@ -136,7 +137,6 @@ class ReceiptParser:
         self._lines: list[str] = []
         self._parts: list[str] = []  # decoded pieces of the current line
         self._raw = bytearray()  # undecoded bytes of the current line, in self._codec
-        self._graphic_in_line = False
         self._reset_modes()
 
     # --- public ---------------------------------------------------------------------------
@@ -180,16 +180,12 @@ class ReceiptParser:
 
     def _end_line(self) -> None:
         self._flush_raw()
-        line = "".join(self._parts).rstrip()
+        self._lines.append("".join(self._parts).rstrip())
         self._parts.clear()
-        if line or not self._graphic_in_line:
-            self._lines.append(line)
-        self._graphic_in_line = False
 
     def _feed_paper(self) -> None:
         if self._pending_text():
             self._end_line()
-        self._graphic_in_line = False
 
     def _cut(self, out: list[Receipt]) -> None:
         if self._pending_text():
@@ -197,12 +193,10 @@ class ReceiptParser:
         if any(self._lines):
             out.append(Receipt(lines=self._lines))
         self._lines = []
-        self._graphic_in_line = False
 
     def _initialize(self) -> None:
         self._raw.clear()
         self._parts.clear()
-        self._graphic_in_line = False
         self._reset_modes()
 
     # --- the byte loop ------------------------------------------------------------------------
@@ -298,7 +292,6 @@ class ReceiptParser:
             if n - i < 5:
                 return None
             dots = _le16(buf, i + 3)
-            self._graphic_in_line = True
             return 5 + (dots * 3 if buf[i + 2] in (32, 33) else dots)
         if c == 0x28:  # ESC ( fn pL pH ...
             if n - i < 5:
