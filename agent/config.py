@@ -47,7 +47,7 @@ from pydantic import (
 )
 
 from agent.core.envelope import AGENT_STREAMS
-from agent.core.errors import env_name, key_path, located
+from agent.core.errors import at_byte, key_path, located
 from agent.presence_config import BleConfig
 from agent.protocols.escpos import EscposError, check_encoding, compile_patterns
 
@@ -265,7 +265,7 @@ def parse(raw: bytes, name: str, environ: Mapping[str, str] | None = None) -> Ag
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{name}: not UTF-8 at byte offset {exc.start}") from None
+        raise ConfigError(f"{name}: not UTF-8 {at_byte(exc.start)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: TOML syntax error: {exc}") from None
     try:
