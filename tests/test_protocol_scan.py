@@ -354,3 +354,10 @@ def test_framer_stays_bounded_on_random_input(stream, max_length, cuts):
         for read in framer.feed(chunk):
             assert 0 < len(read) <= max_length
         assert len(framer.buffered) <= max_length
+
+
+def test_the_typed_dict_names_exactly_the_objects_keys() -> None:
+    from agent.protocols.scan import ScanRead
+
+    for raw in (b"]E05901234123457\r\n", b"PICKUP-4821\r", b"\x1d0109501101530003"):
+        assert set(decode_scan(raw)) == ScanRead.__required_keys__ == set(ScanRead.__annotations__)

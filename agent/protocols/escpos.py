@@ -34,9 +34,10 @@ import codecs
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 __all__ = [
-    "EscposError", "Receipt", "ReceiptParser", "check_encoding", "compile_patterns", "decode_escpos",
+    "EscposDecoded", "EscposError", "Receipt", "ReceiptLines", "ReceiptParser", "check_encoding", "compile_patterns", "decode_escpos",
     "extract_fields", "extract_receipts",
 ]
 
@@ -50,6 +51,16 @@ class Receipt:
     """The text of one receipt: everything printed between two paper cuts."""
 
     lines: list[str] = field(default_factory=list)
+
+
+class ReceiptLines(TypedDict):
+    lines: list[str]
+
+
+class EscposDecoded(TypedDict):
+    """The `decode escpos` object (contract section 4.2)."""
+
+    receipts: list[ReceiptLines]
 
 
 NUL, HT, LF, FF, CR, DLE, CAN, ESC, FS, GS = 0x00, 0x09, 0x0A, 0x0C, 0x0D, 0x10, 0x18, 0x1B, 0x1C, 0x1D
@@ -442,7 +453,7 @@ def extract_receipts(data: bytes, encoding: str = "gb18030") -> list[Receipt]:
     return parser.feed(data) + parser.flush()
 
 
-def decode_escpos(data: bytes, encoding: str = "gb18030") -> dict:
+def decode_escpos(data: bytes, encoding: str = "gb18030") -> EscposDecoded:
     """The `decode escpos` object: `{"receipts": [{"lines": [...]}, ...]}`."""
     return {"receipts": [{"lines": r.lines} for r in extract_receipts(data, encoding)]}
 
@@ -471,7 +482,7 @@ def compile_patterns(patterns: Mapping[str, str]) -> dict[str, re.Pattern[str]]:
     return compiled
 
 
-def extract_fields(lines: Sequence[str], patterns: Mapping[str, str]) -> dict:
+def extract_fields(lines: Sequence[str], patterns: Mapping[str, str]) -> dict[str, Any]:
     """Apply per-store regexes to a receipt's lines.
 
     The patterns run over the lines joined by newlines, with re.MULTILINE (`^`/`$` match at
@@ -480,7 +491,7 @@ def extract_fields(lines: Sequence[str], patterns: Mapping[str, str]) -> dict:
     value is its `value` group, else its first group, else the whole match.
     """
     text = "\n".join(lines)
-    fields: dict = {}
+    fields: dict[str, Any] = {}
     for key, regex in compile_patterns(patterns).items():
         if key in _ITEM_FIELDS:
             fields[key] = [

@@ -29,6 +29,7 @@ from __future__ import annotations
 import calendar
 import re
 from functools import lru_cache
+from typing import TypedDict
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from biip import ParseError
@@ -38,9 +39,21 @@ from biip.upc import Upc
 
 from agent.protocols.hextext import parse_hex
 
-__all__ = ["ScanFramer", "ScanParseError", "decode_scan", "decode_scan_hex"]
+__all__ = ["ScanFramer", "ScanParseError", "ScanRead", "decode_scan", "decode_scan_hex"]
 
 GS = "\x1d"
+
+
+class ScanRead(TypedDict):
+    """The `decode scan` object and a `scan.read` event's data (contract section 5)."""
+
+    aim: str | None
+    symbology: str | None
+    data: str
+    gtin: str | None
+    ai: dict[str, str]
+    valid: bool
+    errors: list[str]
 
 
 class ScanParseError(ValueError):
@@ -319,7 +332,7 @@ def _looks_like_element_string(text: str) -> bool:
     return len(text) >= 16 and text.startswith("01") and text[2:16].isdigit()
 
 
-def decode_scan(raw: bytes) -> dict:
+def decode_scan(raw: bytes) -> ScanRead:
     """Decode one scanner read into the `decode scan` object of contract section 5."""
     raw = _strip_terminator(bytes(raw))
     errors: list[str] = []
@@ -383,7 +396,7 @@ def decode_scan(raw: bytes) -> dict:
     }
 
 
-def decode_scan_hex(text: str) -> dict:
+def decode_scan_hex(text: str) -> ScanRead:
     """Decode a read given as hex (spaces, colons and a 0x prefix allowed)."""
     try:
         data = parse_hex(text)
