@@ -130,12 +130,12 @@ def test_doctor_reports_each_check(tmp_path):
 
 
 def test_doctor_prints_names_and_brackets_as_written(tmp_path):
-    # rich markup ate "[mqtt]" and turned a device named ":x:" into an emoji
+    # rich markup ate "[mqtt]", and "scanner:x: ..." for a device named x became an emoji
     config = write_config(tmp_path / "agent.toml", tmp_path / "data", None,
-                          '[[scanner]]\nname = ":x:"\nport = "/dev/ttyNOPE8"\n')
+                          '[[scanner]]\nname = "x"\nport = "/dev/ttyNOPE8"\n')
     out = cli("doctor", "--config", str(config))
     assert "WARN broker: no [mqtt] host: the agent only buffers" in out.stdout
-    assert "FAIL scanner::x:: /dev/ttyNOPE8 does not exist (unplugged? udev name?)" in out.stdout
+    assert "FAIL scanner:x: /dev/ttyNOPE8 does not exist (unplugged? udev name?)" in out.stdout
     assert "\u274c" not in out.stdout
 
 
@@ -232,3 +232,24 @@ def test_environment_errors_exit_2_naming_the_variable(tmp_path, variable, value
     config = write_config(tmp_path / "agent.toml", tmp_path / "data", None)
     for command in ("run", "status"):
         assert refused(config, {variable: value}, command) == f"store-agent: {config}: {message}"
+
+
+def test_drain_prints_brackets_as_written(tmp_path):
+    config = write_config(tmp_path / "agent.toml", tmp_path / "data", None)
+    out = cli("drain", "--config", str(config))
+    assert out.returncode == 0, out
+    assert out.stderr == "no [mqtt] host configured: nothing can be sent; 0 events are left\n"
+
+
+def test_status_prints_device_names_as_written(tmp_path):
+    api = free_port()
+    config = write_config(tmp_path / "agent.toml", tmp_path / "data", None,
+                          '[[scanner]]\nname = "[b]desk"\nport = "sim:x"\n', api_port=api)
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        assert agent.wait_log("running: tenant=acme"), agent.log_text()
+        out = cli("status", "--config", str(config))
+        assert out.returncode == 0, out
+        assert "scanner:[b]desk" in out.stdout, out.stdout  # markup would take "[b]" for bold
+    finally:
+        assert agent.stop() == 0

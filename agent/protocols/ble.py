@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping
 from typing import Literal, TypedDict
 
+from agent.core.errors import at_byte
 from agent.protocols.hextext import parse_hex
 
 __all__ = [
@@ -126,7 +127,7 @@ def parse_ad(data: bytes) -> list[tuple[int, bytes]]:
             break
         if i + 1 + length > end:
             raise BleParseError(
-                f"AD structure at byte {i} claims {length} bytes but only {end - i - 1} remain"
+                f"AD structure {at_byte(i)} claims {length} bytes but only {end - i - 1} remain"
             )
         structures.append((data[i + 1], bytes(data[i + 2 : i + 1 + length])))
         i += 1 + length

@@ -82,7 +82,7 @@ def encode_frame(payload: bytes) -> bytes:
         raise FrameError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
     bad = _CONTROL.search(payload)
     if bad is not None:
-        raise FrameError(f"payload byte 0x{payload[bad.start()]:02x} at offset {bad.start()} is below 0x20")
+        raise FrameError(f"payload byte 0x{payload[bad.start()]:02x} {at_byte(bad.start())} is below 0x20")
     return b"\x02" + payload + b"\x03" + bytes([lrc(payload)])
 
 
