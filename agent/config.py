@@ -327,7 +327,7 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[st
     """
     found: list[tuple[tuple[str | int, ...], str, str]] = []
     for variable, value in environ.items():
-        if not variable.upper().startswith(ENV_PREFIX) or variable.upper() == ENV_PATH:
+        if not variable.upper().startswith(ENV_PREFIX):
             continue
         parts = variable[len(ENV_PREFIX):].split("__")
         if not all(parts):

@@ -253,3 +253,23 @@ def test_status_prints_device_names_as_written(tmp_path):
         assert "scanner:[b]desk" in out.stdout, out.stdout  # markup would take "[b]" for bold
     finally:
         assert agent.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ('[local_api]\n', '[local_api]\nstreams = ["app", "pos"]\n',
+         "local_api.streams: pos: streams of the drivers and the agent cannot be admitted from the local API"),
+        ('[local_api]\n', '[local_api]\nstreams = ["x#"]\n',
+         "local_api.streams[0]: String should match pattern '^[A-Za-z0-9_-]{1,64}$' (got 'x#')"),
+        ('store = "s1"', 'store = "s\\u0000"', "agent.store: String should match pattern"),
+        ('host = "127.0.0.1"', 'host = ""', "mqtt.host: String should have at least 1 character (got '')"),
+        ("tls = false", 'tls = "yes"', "mqtt.tls: Input should be a valid boolean (got 'yes')"),
+    ],
+)
+def test_config_that_must_not_be_accepted_exits_2(tmp_path, old, new, message):
+    config = write_config(tmp_path / "agent.toml", tmp_path / "data", free_port())
+    text = config.read_text()
+    assert old in text
+    config.write_text(text.replace(old, new, 1))
+    assert refused(config).startswith(f"store-agent: {config}: {message}")
