@@ -332,7 +332,7 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[st
         parts = variable[len(ENV_PREFIX):].split("__")
         if not all(parts):
             raise ConfigError(f"{variable}: empty key in the name (keys are joined by '__')")
-        loc = tuple(int(p) if p.isdigit() else p.lower() for p in parts)
+        loc = tuple(int(p) if p.isascii() and p.isdigit() else p.lower() for p in parts)
         found.append((loc, variable, value))
     # a table before its keys, list items in index order, whatever order the environment has
     found.sort(key=lambda item: [(isinstance(p, str), p if isinstance(p, str) else "", p if isinstance(p, int) else 0)
