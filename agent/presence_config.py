@@ -31,7 +31,17 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
+
+from agent.core.presence import PresenceParams, TagRule, ZoneParams
 
 _HEX = re.compile(r"[0-9a-f]+")
 _ADAPTER = re.compile(r"[A-Za-z0-9_.-]+")
@@ -122,9 +132,12 @@ class BleTagConfig(BaseModel):
     @property
     def pinned(self) -> bool:
         """Whether this entry names one single beacon rather than a family of them."""
-        if self.ibeacon_uuid is not None:
-            return self.major is not None and self.minor is not None
-        return self.instance is not None
+        return self.rule().pinned
+
+    def rule(self) -> TagRule:
+        """This entry as the core's TagRule."""
+        return TagRule(self.name, self.kind, self.ibeacon_uuid, self.major, self.minor,
+                       self.eddystone_namespace, self.instance)
 
 
 class BleConfig(BaseModel):
@@ -132,7 +145,7 @@ class BleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
+    enabled: StrictBool = True
     adapter: AdapterName = "hci0"
     scanning_mode: Literal["passive", "active", "auto"] = "auto"
     # A scanner that reports nothing for this long is stopped and started again.
@@ -146,7 +159,7 @@ class BleConfig(BaseModel):
     # A recorded trace (JSON lines) played instead of a radio, for demos.
     replay: Path | None = None
     replay_speed: float = Field(default=1.0, gt=0)
-    replay_loop: bool = True
+    replay_loop: StrictBool = True
 
     @model_validator(mode="after")
     def _unique_names(self) -> BleConfig:
@@ -157,6 +170,15 @@ class BleConfig(BaseModel):
                     raise ValueError(f"{what} name {name!r} is used twice")
                 seen.add(name)
         return self
+
+    def presence_params(self) -> PresenceParams:
+        """What agent.core.presence needs of this section, as its own dataclass."""
+        return PresenceParams(
+            adapter=self.adapter, interval_s=float(self.interval_s), min_count=self.min_count,
+            leave_after_s=self.leave_after_s, rssi_smoothing=self.rssi_smoothing,
+            zones=tuple(ZoneParams(z.name, z.adapter, z.min_rssi, z.hysteresis_db) for z in self.zones),
+            tags=tuple(t.rule() for t in self.tags),
+        )
 
     def adapters(self) -> list[str]:
         """Every receiver to scan with: `adapter` and each zone's own, in order, once each."""

@@ -150,7 +150,7 @@ def run_driver(stream) -> tuple[float, float, BleDriver, CountingSink]:
 
 
 def run_classify(stream) -> tuple[float, float]:
-    classifier = TagClassifier(CONFIG.tags)
+    classifier = TagClassifier(CONFIG.presence_params().tags, frames_from_bleak)
     classify = classifier.classify
     wall, cpu = time.perf_counter(), time.process_time()
     for _, _, adv in stream:
@@ -159,7 +159,7 @@ def run_classify(stream) -> tuple[float, float]:
 
 
 def run_presence(stream) -> tuple[float, float]:
-    classifier = TagClassifier(CONFIG.tags)
+    classifier = TagClassifier(CONFIG.presence_params().tags, frames_from_bleak)
     items = [
         (
             t,
@@ -170,7 +170,7 @@ def run_presence(stream) -> tuple[float, float]:
         )
         for t, d, a in stream
     ]
-    presence = Presence(CONFIG, lambda e: None, key_source=lambda: b"bench-key-0123456789abcdef")
+    presence = Presence(CONFIG.presence_params(), lambda e: None, key_source=lambda: b"bench-key-0123456789abcdef")
     observe, tick = presence.observe, presence.tick
     next_tick = 1.0
     wall, cpu = time.perf_counter(), time.process_time()

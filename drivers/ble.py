@@ -31,6 +31,7 @@ from bleak.backends.scanner import AdvertisementData
 from agent.core.backoff import Backoff
 from agent.core.presence import Presence, TagClassifier
 from agent.presence_config import BleConfig
+from agent.protocols.ble import frames_from_bleak
 from agent.sink import DeviceHealth, EventSink
 from drivers.sim.ble_replay import BleReplay, TraceRecord, load_trace
 
@@ -191,8 +192,9 @@ class BleDriver:
         self._backoff = (backoff_initial_s, backoff_max_s)
         if day_offset_s is None:
             day_offset_s = float(time.localtime().tm_gmtoff)  # the key changes at local midnight
-        self.presence = Presence(config, sink.offer, key_source=key_source, day_offset_s=day_offset_s)
-        self._classifier = TagClassifier(config.tags)
+        params = config.presence_params()
+        self.presence = Presence(params, sink.offer, key_source=key_source, day_offset_s=day_offset_s)
+        self._classifier = TagClassifier(params.tags, frames_from_bleak)
         # A trace that cannot be read is bad config (TraceError is a ValueError): fail at start.
         self._replay_records: list[TraceRecord] = (
             load_trace(resolve_trace(config.replay)) if config.replay is not None else []

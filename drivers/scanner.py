@@ -37,7 +37,7 @@ from collections.abc import Callable
 from agent.config import ScannerSection
 from agent.core.backoff import Backoff
 from agent.core.envelope import Event, UtcFormatter
-from agent.protocols.scan import ScanFramer, decode_scan
+from agent.protocols.scan import ScanFramer, ScanRead, decode_scan
 from agent.sink import DeviceHealth, EventSink
 from drivers.serialport import LIVENESS_S, CommitQueue, LinkLost, SerialLink
 
@@ -133,7 +133,7 @@ class ScannerDriver:
         self.health.seen("scanner", self.cfg.name)
 
 
-def scan_object(raw: bytes) -> dict:
+def scan_object(raw: bytes) -> ScanRead:
     """`decode_scan(raw)`, or, should the decoder fail, an invalid object that keeps the data."""
     try:
         return decode_scan(raw)

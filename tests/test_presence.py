@@ -16,8 +16,18 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agent.core.envelope import Event
-from agent.core.presence import DailyKey, Presence, TagClassifier, TagMatch, TagMatcher
+from agent.core.presence import (
+    DailyKey,
+    Presence,
+    PresenceParams,
+    TagClassifier,
+    TagMatch,
+    TagMatcher,
+    TagRule,
+    ZoneParams,
+)
 from agent.presence_config import BleConfig, BleTagConfig, BleZoneConfig
+from agent.protocols.ble import frames_from_bleak
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z, on an interval boundary
 STAFF_UUID = "f7826da6-4fa2-4e98-8024-bc5b71e0893e"
@@ -79,11 +89,12 @@ def make(cfg: BleConfig | None = None, *, keys: list[bytes] | None = None, day_o
     def key_source() -> bytes:
         return next(supply) if supply is not None else b"k" * 32
 
-    return Presence(cfg or config(), rec, key_source=key_source, day_offset_s=day_offset_s), rec
+    params = (cfg or config()).presence_params()
+    return Presence(params, rec, key_source=key_source, day_offset_s=day_offset_s), rec
 
 
 def tag_of(cfg: BleConfig, md=None, sd=None) -> TagMatch | None:
-    return TagClassifier(cfg.tags).classify(md or {}, sd or {})
+    return TagClassifier(cfg.presence_params().tags, frames_from_bleak).classify(md or {}, sd or {})
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -164,8 +175,8 @@ def test_eddystone_instance_pin() -> None:
         [
             BleTagConfig(
                 name="cart-7", kind="basket", eddystone_namespace=NAMESPACE, instance="0000000000b7"
-            ),
-            BleTagConfig(name="cart", kind="basket", eddystone_namespace=NAMESPACE),
+            ).rule(),
+            BleTagConfig(name="cart", kind="basket", eddystone_namespace=NAMESPACE).rule(),
         ]
     )
     frame = {"format": "eddystone_uid", "namespace": NAMESPACE, "instance": "0000000000b7", "tx_power": -20}
@@ -174,7 +185,7 @@ def test_eddystone_instance_pin() -> None:
 
 
 def test_classifier_parses_a_payload_once_and_survives_malformed_ones() -> None:
-    classifier = TagClassifier(config().tags)
+    classifier = TagClassifier(config().presence_params().tags, frames_from_bleak)
     bad = {76: b"\x02\x15" + bytes(10)}  # an iBeacon frame cut short: the parser's error
     for _ in range(5):
         assert classifier.classify(bad, {}) is None
@@ -184,7 +195,7 @@ def test_classifier_parses_a_payload_once_and_survives_malformed_ones() -> None:
 
 
 def test_no_tags_configured_means_nothing_is_a_tag() -> None:
-    assert TagClassifier([]).classify(ibeacon_md(STAFF_UUID, 1, 1), {}) is None
+    assert TagClassifier([], frames_from_bleak).classify(ibeacon_md(STAFF_UUID, 1, 1), {}) is None
 
 
 # --- the counting key -----------------------------------------------------------------------------
@@ -532,5 +543,19 @@ def test_present_is_previous_present_plus_entered_minus_left(reports) -> None:
     ),
 )
 def test_classifier_takes_any_bytes(md: dict[int, bytes], sd: dict[str, bytes]) -> None:
-    found = TagClassifier(config().tags).classify(md, sd)
+    found = TagClassifier(config().presence_params().tags, frames_from_bleak).classify(md, sd)
     assert found is None or isinstance(found, TagMatch)
+
+
+def test_presence_params_carry_the_ble_section() -> None:
+    cfg = BleConfig.model_validate({
+        "adapter": "hci1", "interval_s": 30, "min_count": 4, "leave_after_s": 12.5, "rssi_smoothing": 0.5,
+        "zones": [{"name": "door", "adapter": "hci2", "min_rssi": -60, "hysteresis_db": 3}],
+        "tags": [{"name": "staff", "kind": "staff", "ibeacon_uuid": STAFF_UUID.upper(), "major": 1, "minor": 2}],
+    })
+    assert cfg.presence_params() == PresenceParams(
+        adapter="hci1", interval_s=30.0, min_count=4, leave_after_s=12.5, rssi_smoothing=0.5,
+        zones=(ZoneParams("door", "hci2", -60, 3.0),),
+        tags=(TagRule("staff", "staff", STAFF_UUID, 1, 2, None, None),),
+    )
+    assert cfg.presence_params().tags[0].pinned is True

@@ -342,3 +342,20 @@ def test_tlm_temperature_and_uptime_round_trip(fixed, tenths):
     (tlm,) = frames_from_ad(ad)
     assert tlm["temperature_c"] == fixed / 256
     assert tlm["uptime_s"] == tenths / 10
+
+
+def test_the_typed_dicts_name_exactly_each_frames_keys() -> None:
+    import typing
+
+    from agent.protocols import ble
+
+    kinds = {typing.get_args(typing.get_type_hints(t)["format"])[0]: t for t in typing.get_args(ble.BeaconFrame)}
+    hexes = ["0201061aff4c000215f7826da64fa24e988024bc5b71e0893e00640003c5",  # iBeacon
+             "0303aafe1516aafe00e800010203040506070809aabbccddeeff0000",  # Eddystone-UID
+             "0303aafe0e16aafe10e8006578616d706c6507"]  # Eddystone-URL
+    seen = set()
+    for text in hexes:
+        for frame in ble.decode_ble_hex(text)["frames"]:
+            assert set(frame) == set(kinds[frame["format"]].__annotations__)
+            seen.add(frame["format"])
+    assert seen == {"ibeacon", "eddystone_uid", "eddystone_url"}

@@ -201,11 +201,14 @@ def test_escpos_php_commands_print_no_text(name):
     assert lines_of(data, "cp437") == [["before", "after"]]
 
 
-def test_escpos_php_column_bit_image_adds_no_blank_line():
-    # testBitImageColumnFormatBoth: ESC 3, ESC * 33 with two columns, LF, ESC 2. The LF prints
-    # the image stripe: on paper that is a picture, not an empty text line.
+def test_a_line_holding_only_a_bit_image_is_an_empty_line():
+    # testBitImageColumnFormatBoth: ESC 3, ESC * 33 with two columns, LF, ESC 2. The LF ends the
+    # image's line on paper: the receipt has that line, empty of text (contract 4.2: each LF ends
+    # a line; blank lines are kept as "").
     image = b"\x1b3\x10\x1b*!\x02\x00\x80\x00\x00\x80\x00\x00\x0a\x1b2"
-    assert lines_of(b"\x1b@top\n" + image + b"\nbottom\n" + CUT, "cp437") == [["top", "", "bottom"]]
+    assert lines_of(b"\x1b@top\n" + image + b"\nbottom\n" + CUT, "cp437") == [["top", "", "", "bottom"]]
+    # the image next to text on one line prints that text, once
+    assert lines_of(b"\x1b@\x1b*\x00\x01\x00\xffLOGO\n" + CUT, "cp437") == [["LOGO"]]
 
 
 # --- the command table, one command at a time --------------------------------------------------
@@ -224,8 +227,8 @@ COMMANDS = {
     "ESC %": ESC + b"%Z",
     "ESC & 2 chars": ESC + b"&\x03AB" + b"\x02" + fill(6) + b"\x01" + fill(3),
     "ESC ( A beep": ESC + b"(A\x04\x000Z\x03\x02",
-    "ESC * 8-dot": ESC + b"*\x00\x05\x00" + fill(5) + b"\n",
-    "ESC * 24-dot": ESC + b"*!\x03\x00" + fill(9) + b"\n",
+    "ESC * 8-dot": ESC + b"*\x00\x05\x00" + fill(5),  # printed with "after"'s LF
+    "ESC * 24-dot": ESC + b"*!\x03\x00" + fill(9),
     "ESC 2 / 3": ESC + b"2" + ESC + b"3Z",
     "ESC =": ESC + b"=Z",
     "ESC ?": ESC + b"?Z",

@@ -179,6 +179,24 @@ def test_non_gs1_data_is_valid_without_ais(raw):
     assert read["data"] == raw.decode().rstrip("\r\n").removeprefix(read["aim"] or "")
 
 
+@pytest.mark.parametrize(
+    "digits, gtin",
+    [("5901234123457", "05901234123457"), ("96385074", "00000096385074"), ("036000291452", "00036000291452"),
+     ("09501101530003", "09501101530003")],
+)
+def test_bare_gtin_without_aim_is_checked(digits, gtin):
+    read = decode_scan(digits.encode() + b"\r\n")
+    assert (read["aim"], read["gtin"], read["ai"], read["valid"], read["errors"]) == (None, gtin, {}, True, [])
+
+
+@pytest.mark.parametrize("digits", ["5901234123458", "96385075", "036000291453", "09501101530004"])
+def test_bare_gtin_without_aim_and_a_wrong_check_digit_is_invalid(digits):
+    # a misread from a scanner that sends no AIM prefix must not reach the cloud as valid
+    read = decode_scan(digits.encode() + b"\r\n")
+    assert (read["aim"], read["data"], read["gtin"], read["ai"], read["valid"]) == (None, digits, None, {}, False)
+    assert read["errors"] == [f"wrong check digit in {digits}"]
+
+
 def test_aim_and_data_split():
     read = decode_scan(b"]C0SKU-000123\r\n")
     assert (read["aim"], read["symbology"], read["data"]) == ("]C0", "Code 128", "SKU-000123")
@@ -212,10 +230,12 @@ def test_decode_hex():
     assert (
         decode_scan_hex("5d 45 30 35 39 30 31 32 33 34 31 32 33 34 35 37 0d 0a")["gtin"] == "05901234123457"
     )
-    with pytest.raises(ScanParseError):
+    with pytest.raises(ScanParseError, match=r"^not hex: an odd number of hex digits \(3\)"):
         decode_scan_hex("5d4")
-    with pytest.raises(ScanParseError):
+    with pytest.raises(ScanParseError, match=r"^not hex: 'z' at byte 0$"):
         decode_scan_hex("zz")
+    with pytest.raises(ScanParseError, match=r"^not hex: 'g' at byte 9$"):
+        decode_scan_hex("0x5d:45 3g")
 
 
 # --- framer ---------------------------------------------------------------------------------
@@ -334,3 +354,10 @@ def test_framer_stays_bounded_on_random_input(stream, max_length, cuts):
         for read in framer.feed(chunk):
             assert 0 < len(read) <= max_length
         assert len(framer.buffered) <= max_length
+
+
+def test_the_typed_dict_names_exactly_the_objects_keys() -> None:
+    from agent.protocols.scan import ScanRead
+
+    for raw in (b"]E05901234123457\r\n", b"PICKUP-4821\r", b"\x1d0109501101530003"):
+        assert set(decode_scan(raw)) == ScanRead.__required_keys__ == set(ScanRead.__annotations__)

@@ -1,17 +1,25 @@
-"""The POS line protocol `stxetx` (contract section 4.1), agent/protocols/stxetx.py: pure tests."""
+"""The POS line protocol `stxetx` (contract section 4.1): agent/protocols/stxetx.py, and the driver over real ptys."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
+import os
 import re
 from functools import reduce
+from pathlib import Path
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.buffer import Outbox
+from agent.config import PosSection
+from agent.core.envelope import Event
+from agent.health import HealthBoard
 from agent.protocols.stxetx import (
     ACK,
     MAX_PAYLOAD,
@@ -26,6 +34,9 @@ from agent.protocols.stxetx import (
     lrc,
     parse_transaction,
 )
+from agent.sink import Committed, Dedup
+from drivers.pos import StxEtxDriver
+from tests.support.ptys import Pty
 
 # The payload example of contract section 4.1, as a POS would send it.
 CONTRACT_PAYLOAD = {
@@ -261,5 +272,145 @@ def test_missing_key_and_non_objects() -> None:
     assert parse_transaction(b"[1, 2]").reason == "payload is not a JSON object"  # type: ignore[union-attr]
     assert parse_transaction(b"{oops").reason.startswith("payload is not JSON")  # type: ignore[union-attr]
     bad = parse_transaction(b'{"a": "\xff"}')
-    assert isinstance(bad, InvalidTransaction) and bad.reason == "payload is not UTF-8 (byte offset 7)"
+    assert isinstance(bad, InvalidTransaction) and bad.reason == "payload is not UTF-8 (at byte 7)"
     assert bad.data == {"raw": base64.b64encode(b'{"a": "\xff"}').decode(), "reason": bad.reason}
+
+
+# --- payloads that cannot be stored exactly (issue 12) ------------------------------------------
+
+
+def nested_payload(depth: int) -> bytes:
+    """The contract's transaction with an extra key nested so the whole payload is `depth` levels deep."""
+    lists = depth - 1  # the payload object itself is the first level
+    return orjson.dumps(CONTRACT_PAYLOAD)[:-1] + b',"deep":' + b"[" * lists + b"1" + b"]" * lists + b"}"
+
+
+def test_nesting_the_envelope_can_store_is_a_transaction() -> None:
+    result = parse_transaction(nested_payload(254))
+    assert isinstance(result, Transaction) and result.txn_id == "R1-000123"
+
+
+@pytest.mark.parametrize("depth", [255, 600, 1022, 1024])
+def test_deeper_nesting_is_an_invalid_transaction(depth: int) -> None:
+    # valid JSON that orjson reads but cannot write back: it used to get neither ACK nor NAK
+    payload = nested_payload(depth)
+    result = parse_transaction(payload)
+    assert isinstance(result, InvalidTransaction)
+    assert result.reason == "payload: JSON nests deeper than 254 levels"
+    assert base64.b64decode(result.data["raw"]) == payload
+
+
+def test_integers_beyond_64_bits_are_invalid_never_floats() -> None:
+    payload = orjson.dumps(CONTRACT_PAYLOAD)[:-1] + b',"points":123456789012345678901234567890}'
+    result = parse_transaction(payload)
+    assert isinstance(result, InvalidTransaction)
+    offset = payload.index(b"1234567890123")
+    assert result.reason == (f"payload: integer 123456789012345678901234567890 at byte {offset} is beyond "
+                             "64 bits and would lose digits (send it as a string)")
+    below = orjson.dumps(CONTRACT_PAYLOAD)[:-1] + b',"points":-9223372036854775809}'
+    assert isinstance(parse_transaction(below), InvalidTransaction)
+
+
+@pytest.mark.parametrize("literal, value", [(b"18446744073709551615", (1 << 64) - 1),
+                                            (b"-9223372036854775808", -(1 << 63)),
+                                            (b'"123456789012345678901234567890"', "123456789012345678901234567890")])
+def test_64_bit_integers_and_long_digit_strings_keep_their_digits(literal: bytes, value: object) -> None:
+    result = parse_transaction(orjson.dumps(CONTRACT_PAYLOAD)[:-1] + b',"points":' + literal + b"}")
+    assert isinstance(result, Transaction) and result.data["points"] == value
+    assert type(result.data["points"]) is type(value)
+
+
+def test_lrc_differing_only_in_the_high_bit_is_a_nak() -> None:
+    # issue 17: a 7-bit LRC comparison would take this frame
+    payload = orjson.dumps(CONTRACT_PAYLOAD)
+    good = encode_frame(payload)
+    flipped = good[:-1] + bytes([good[-1] ^ 0x80])
+    assert decode(flipped) == [Nak("bad LRC")]
+    assert decode(good) == [Frame(payload)]
+
+
+# --- the same over a real pty, through the driver and a real buffer -----------------------------
+
+
+class _Kept:
+    """The real Outbox as the driver's sink, keeping what was committed through it (its data)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.events: list[Event] = []
+
+    async def commit(self, events: list[Event], *, dedup: Dedup | None = None) -> Committed:
+        committed = await self.outbox.commit(events, dedup=dedup)
+        self.events += events
+        return committed
+
+
+async def _answer(master: int, timeout: float = 10.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return os.read(master, 1)
+        except BlockingIOError:
+            if loop.time() > deadline:
+                raise AssertionError(f"no answer within {timeout} s") from None
+            await asyncio.sleep(0.002)
+
+
+def _over_a_pty(tmp_path: Path, frames: list[bytes]) -> tuple[list[bytes], list[Event], int]:
+    """Send each frame on a real pty to a running StxEtxDriver; (answers, committed events, events in the buffer)."""
+
+    async def main() -> tuple[list[bytes], list[Event], int]:
+        pty = Pty()
+        outbox = Outbox(tmp_path / "buffer.db", tenant="acme", store="s1", agent="a1").start()
+        sink = _Kept(outbox)
+        health = HealthBoard()
+        driver = StxEtxDriver(PosSection(name="front-1", port=pty.path), sink, health)  # type: ignore[arg-type]
+        task = asyncio.create_task(driver.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        # what is written before the driver has the line open may never reach it: wait, as the driver tests do
+        while not any(d["kind"] == "pos" and d["up"] for d in health.snapshot()):
+            assert not task.done() and loop.time() < deadline, "the driver did not open the line"
+            await asyncio.sleep(0.005)
+        try:
+            answers = []
+            for data in frames:
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(pty.master, view):]
+                    except BlockingIOError:
+                        await asyncio.sleep(0.001)
+                answers.append(await _answer(pty.master))
+            return answers, sink.events, outbox.count
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            outbox.close()
+            pty.close()
+
+    return asyncio.run(main())
+
+
+def test_deep_nesting_over_the_line_is_acked_as_pos_invalid(tmp_path: Path) -> None:
+    deep = nested_payload(1022)
+    answers, events, count = _over_a_pty(tmp_path, [encode_frame(deep), encode_frame(orjson.dumps(CONTRACT_PAYLOAD))])
+    assert answers == [bytes([ACK]), bytes([ACK])]  # the POS is not stuck on it, and goes on
+    assert [e.type for e in events] == ["pos.invalid", "pos.sale"] and count == 2
+    assert events[0].data == {"raw": base64.b64encode(deep).decode(), "reason": "payload: JSON nests deeper than 254 levels"}
+
+
+def test_a_huge_integer_over_the_line_is_acked_as_pos_invalid(tmp_path: Path) -> None:
+    payload = orjson.dumps(CONTRACT_PAYLOAD)[:-1] + b',"points":123456789012345678901234567890}'
+    answers, events, count = _over_a_pty(tmp_path, [encode_frame(payload)])
+    assert answers == [bytes([ACK])] and [e.type for e in events] == ["pos.invalid"] and count == 1
+    assert base64.b64decode(events[0].data["raw"]) == payload  # every digit kept, in the raw bytes
+
+
+def test_an_lrc_off_by_the_high_bit_is_naked_over_the_line(tmp_path: Path) -> None:
+    good = encode_frame(orjson.dumps(CONTRACT_PAYLOAD))
+    answers, events, count = _over_a_pty(tmp_path, [good[:-1] + bytes([good[-1] ^ 0x80]), good])
+    assert answers == [bytes([NAK]), bytes([ACK])]
+    assert [e.type for e in events] == ["pos.sale"] and count == 1

@@ -12,7 +12,7 @@ import typer
 from typer._click import exceptions as click_exceptions
 
 from agent import __version__
-from agent.config import AgentConfig, ConfigError, config_path, load
+from agent.config import AgentConfig, ConfigError, check_start, config_path, load
 
 app = typer.Typer(
     add_completion=False,
@@ -35,9 +35,17 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _config(path: str | None) -> AgentConfig:
+def _config(path: str | None, *, starting: bool = False) -> AgentConfig:
+    """The validated config; with `starting`, also the checks before anything starts (files, TLS)."""
+    where = config_path(path)
     try:
-        return load(config_path(path))
+        cfg = load(where)
+        if starting:
+            try:
+                check_start(cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return cfg
     except ConfigError as exc:
         fail(str(exc))
         raise AssertionError from None  # unreachable: fail() exits
@@ -49,7 +57,7 @@ def run(config: ConfigOption = None) -> None:
     from agent import logsetup
     from agent.daemon import run as run_daemon
 
-    cfg = _config(config)
+    cfg = _config(config, starting=True)
     logsetup.setup(cfg.log.level)
     try:
         code = run_daemon(cfg)
@@ -97,7 +105,7 @@ def drain(
     """Send everything buffered now, with a progress bar, and say what is left."""
     from agent.cli.drain import drain as run_drain
 
-    cfg = _config(config)
+    cfg = _config(config, starting=True)
     left = run_drain(cfg, timeout)
     raise typer.Exit(0 if left == 0 else 1)
 

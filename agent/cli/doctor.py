@@ -1,4 +1,8 @@
-"""`store-agent doctor`: checks a technician runs on a store PC, each one line, PASS/WARN/FAIL."""
+"""`store-agent doctor`: checks a technician runs on a store PC, each one line, PASS/WARN/FAIL.
+
+Lines are printed as literal text: a device named `x` or a detail such as `[mqtt]` must
+appear as written, so rich's markup and emoji codes are off; only the level is coloured.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.config import AgentConfig, ConfigError, read_secret
+from agent.config import AgentConfig, ConfigError, config_files, read_secret, readable_file
 
 Check = tuple[str, str, str]  # (PASS|WARN|FAIL, what, detail)
 
@@ -20,6 +24,8 @@ Check = tuple[str, str, str]  # (PASS|WARN|FAIL, what, detail)
 def check_data_dir(cfg: AgentConfig) -> list[Check]:
     data_dir = cfg.agent.data_dir
     out: list[Check] = []
+    if data_dir.exists() and not data_dir.is_dir():
+        return [("FAIL", "data_dir", f"{data_dir} is not a directory")]
     probe = data_dir if data_dir.exists() else data_dir.parent
     if not os.access(probe, os.W_OK):
         out.append(("FAIL", "data_dir", f"{data_dir} is not writable by uid {os.getuid()}"))
@@ -67,8 +73,15 @@ def check_broker(cfg: AgentConfig) -> list[Check]:
     if m.host is None:
         return [("WARN", "broker", "no [mqtt] host: the agent only buffers")]
     out: list[Check] = []
+    if m.protocol == "3.1.1":
+        out.append(("WARN", "mqtt protocol", "3.1.1: a broker that denies a publish still acknowledges it and "
+                    "drops it, so refused events are lost unseen; use protocol = \"5\""))
     if not m.tls and not m.is_loopback:
-        out.append(("FAIL", "broker TLS", f"{m.host} is not on loopback and tls = false"))
+        if m.insecure_plaintext:
+            out.append(("WARN", "broker TLS", f"{m.host} is not on loopback and tls = false "
+                        "(insecure_plaintext = true): the password and events travel in plaintext"))
+        else:
+            out.append(("FAIL", "broker TLS", f"{m.host} is not on loopback and tls = false"))
     try:
         sock = socket.create_connection((m.host, m.port), timeout=5)
     except OSError as exc:
@@ -96,6 +109,18 @@ def check_broker(cfg: AgentConfig) -> list[Check]:
     return out
 
 
+def check_files(cfg: AgentConfig) -> list[Check]:
+    """Every file the config names, as `run` checks it before starting."""
+    out: list[Check] = []
+    for key, path in config_files(cfg):
+        try:
+            readable_file(key, path)
+            out.append(("PASS", key, f"{path} readable"))
+        except ConfigError as exc:
+            out.append(("FAIL", key, str(exc).removeprefix(f"{key}: ")))
+    return out
+
+
 def check_clock() -> list[Check]:
     now = time.time()
     if now < 1_700_000_000:
@@ -108,11 +133,12 @@ def check_clock() -> list[Check]:
 def run_checks(cfg: AgentConfig, echo: Callable[[str], None] | None = None) -> bool:
     """Print each check; True when none failed."""
     from rich.console import Console
+    from rich.text import Text
 
     console = Console(soft_wrap=True)  # one line a check, however narrow the terminal
-    say = echo or console.print
     checks: list[Check] = [("PASS", "config", "valid")]
     checks += check_data_dir(cfg)
+    checks += check_files(cfg)
     checks += [check_serial(p.port, f"pos:{p.name}") for p in cfg.pos]
     checks += [check_serial(p.forward_to, f"printer:{p.name}") for p in cfg.pos if p.forward_to]
     checks += [check_serial(s.port, f"scanner:{s.name}") for s in cfg.scanner]
@@ -121,5 +147,9 @@ def run_checks(cfg: AgentConfig, echo: Callable[[str], None] | None = None) -> b
     checks += check_clock()
     colors = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
     for level, what, detail in checks:
-        say(f"[{colors[level]}]{level}[/] {what}: {detail}" if echo is None else f"{level} {what}: {detail}")
+        if echo is not None:
+            echo(f"{level} {what}: {detail}")
+        else:
+            # Text is never parsed for markup or emoji codes: names and paths print as written
+            console.print(Text.assemble((level, colors[level]), f" {what}: {detail}"))
     return not any(level == "FAIL" for level, _, _ in checks)

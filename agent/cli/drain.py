@@ -14,7 +14,7 @@ def drain(cfg: AgentConfig, timeout: float) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, emoji=False, highlight=False)  # "[mqtt]" prints as written
     if cfg.mqtt.host is None:
         left = offline_status(cfg)["buffer"]["events"]
         console.print(f"no [mqtt] host configured: nothing can be sent; {left} events are left")

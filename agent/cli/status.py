@@ -75,7 +75,7 @@ def render_status(state: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False, emoji=False, highlight=False)  # names and errors print as written
     conn = state.get("connection", {})
     buf = state.get("buffer", {})
     table = Table(title="store-agent", show_header=False)

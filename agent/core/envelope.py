@@ -7,17 +7,28 @@ buffered event costs only what is particular to it.
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from agent.core.errors import at_byte
+
 # Streams the cap may drop (oldest first) to make room; everything else is refused instead.
 LOW_PRIORITY_STREAMS = frozenset({"traffic", "metrics", "telemetry"})
 # Never dropped: the agent stops acknowledging the device instead (contract section 4.1).
 CRITICAL_STREAMS = frozenset({"pos", "scan", "command", "pickup"})
+
+# Streams the drivers and the agent itself publish (contract section 2): never admitted from the
+# local API, or HTTP clients could skip the POS dedup or forge the agent's own events.
+AGENT_STREAMS = frozenset(
+    {"pos", "scan", "presence", "traffic", "shelf", "label", "screen", "pickup", "command", "kpi",
+     "system", "metrics", "telemetry"}
+)
 
 PRIORITY_LOW = 0
 PRIORITY_NORMAL = 1
@@ -26,6 +37,43 @@ PRIORITY_CRITICAL = 2
 
 class EnvelopeError(ValueError):
     """An event that cannot become an envelope (bad type, bad timestamp, data not an object)."""
+
+
+# orjson serialises at most 254 levels of nesting; `data` deeper than that cannot be stored.
+MAX_DATA_DEPTH = 254
+_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+# 19 digits reach past int64's minimum; anything shorter is in range for sure.
+_LONG_INTEGER = re.compile(r"\d{19,}")
+
+
+def json_problem(text: str, parsed: Any) -> str | None:
+    """Why JSON `text`, parsed by orjson into `parsed`, cannot be stored exactly; None if it can.
+
+    Two things orjson does not refuse at parse time: nesting deeper than it can serialise again
+    (the event could never be committed, so nothing would answer for it), and integers beyond 64
+    bits, which it reads as floats (the digits would change silently).
+    """
+    try:
+        orjson.dumps(parsed)
+    except orjson.JSONEncodeError:
+        return f"JSON nests deeper than {MAX_DATA_DEPTH} levels"
+    if _LONG_INTEGER.search(text) is None:
+        return None
+    found: list[str] = []
+
+    def parse_int(literal: str) -> int:
+        value = int(literal)
+        if not _INT64_MIN <= value <= _UINT64_MAX and not found:
+            found.append(literal)
+        return value
+
+    json.loads(text, parse_int=parse_int)  # already valid JSON: only the integers are looked at
+    if not found:
+        return None
+    offset = len(text[: text.find(found[0])].encode("utf-8"))
+    shown = found[0] if len(found[0]) <= 40 else found[0][:37] + "..."
+    return (f"integer {shown} {at_byte(offset)} is beyond 64 bits and would lose digits "
+            "(send it as a string)")
 
 
 def stream_of(event_type: str) -> str:

@@ -1,7 +1,9 @@
 """BLE presence analytics: configured tags by name, everyone else only as counts.
 
 Pure logic: every call takes the time (`now`, Unix seconds) and nothing here reads a clock,
-logs, or touches a file. Events leave through the `emit` callable given at construction.
+logs, or touches a file. Events leave through the `emit` callable given at construction. The
+core imports nothing outside `agent.core`: the `[ble]` section arrives as `PresenceParams`
+(`BleConfig.presence_params()`), and `TagClassifier` is handed the advertisement parser.
 
 Configured tags (staff badges, baskets, the opted-in member app's token) give
 `presence.arrive`, `presence.zone` and `presence.leave`, with `data`
@@ -58,11 +60,60 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.core.envelope import Event, UtcFormatter
-from agent.presence_config import BleConfig, BleTagConfig
-from agent.protocols.ble import APPLE_COMPANY_ID, IBEACON_TYPE, BleParseError, frames_from_bleak
 
 DAY_S = 86400.0
 _MAX_INTERVALS_PER_ROLL = 1440  # after a long pause (a suspended machine) skip ahead, don't flood
+# Apple's Bluetooth SIG company id and the first byte of an iBeacon after it (the same values as
+# agent.protocols.ble, which the core does not import: the parser is handed in).
+_APPLE_COMPANY_ID = 0x004C
+_IBEACON_TYPE = 0x02
+
+# bleak's manufacturer data and service data in, beacon frames out (agent.protocols.ble's
+# `frames_from_bleak`); raises ValueError for data that is malformed.
+FramesOf = Callable[[Mapping[int, bytes], Mapping[str, bytes]], Iterable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneParams:
+    """A zone (see agent.presence_config.BleZoneConfig for what each field means)."""
+
+    name: str
+    adapter: str | None = None
+    min_rssi: float | None = None
+    hysteresis_db: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class TagRule:
+    """A configured tag family (see agent.presence_config.BleTagConfig), identifiers normalised."""
+
+    name: str
+    kind: str
+    ibeacon_uuid: str | None = None
+    major: int | None = None
+    minor: int | None = None
+    eddystone_namespace: str | None = None
+    instance: str | None = None
+
+    @property
+    def pinned(self) -> bool:
+        """Whether this entry names one single beacon rather than a family of them."""
+        if self.ibeacon_uuid is not None:
+            return self.major is not None and self.minor is not None
+        return self.instance is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceParams:
+    """What `Presence` needs of the `[ble]` section, as the core's own type (the core imports no config)."""
+
+    adapter: str = "hci0"
+    interval_s: float = 60.0
+    min_count: int = 3
+    leave_after_s: float = 30.0
+    rssi_smoothing: float = 0.3
+    zones: tuple[ZoneParams, ...] = ()
+    tags: tuple[TagRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +129,9 @@ class TagMatch:
 class TagMatcher:
     """Finds the configured tag (if any) among an advertisement's beacon frames."""
 
-    def __init__(self, tags: Iterable[BleTagConfig]) -> None:
-        self._ibeacon: dict[str, list[BleTagConfig]] = {}
-        self._eddystone: dict[str, list[BleTagConfig]] = {}
+    def __init__(self, tags: Iterable[TagRule]) -> None:
+        self._ibeacon: dict[str, list[TagRule]] = {}
+        self._eddystone: dict[str, list[TagRule]] = {}
         for tag in tags:
             if tag.ibeacon_uuid is not None:
                 self._ibeacon.setdefault(tag.ibeacon_uuid, []).append(tag)
@@ -126,7 +177,7 @@ class TagMatcher:
                             return self._match(rule, instance)
         return None
 
-    def _match(self, rule: BleTagConfig, ident: str) -> TagMatch:
+    def _match(self, rule: TagRule, ident: str) -> TagMatch:
         key = (rule.name, ident)
         found = self._matches.get(key)
         if found is None:
@@ -149,10 +200,11 @@ class TagClassifier:
     bytes; the address is no part of the key): a beacon repeats the same bytes.
     """
 
-    __slots__ = ("_matcher", "_ibeacon", "_eddystone", "_cache", "_cache_size", "parse_errors")
+    __slots__ = ("_matcher", "_frames_of", "_ibeacon", "_eddystone", "_cache", "_cache_size", "parse_errors")
 
-    def __init__(self, tags: Iterable[BleTagConfig], *, cache_size: int = 8192) -> None:
+    def __init__(self, tags: Iterable[TagRule], frames_of: FramesOf, *, cache_size: int = 8192) -> None:
         self._matcher = TagMatcher(tags)
+        self._frames_of = frames_of
         self._ibeacon = self._matcher.wants_ibeacon
         self._eddystone = self._matcher.wants_eddystone
         self._cache: dict[tuple, TagMatch | None] = {}
@@ -164,8 +216,8 @@ class TagClassifier:
     ) -> TagMatch | None:
         """The configured tag this advertisement comes from, or None for an anonymous device."""
         if not (service_data and self._eddystone):
-            apple = manufacturer_data.get(APPLE_COMPANY_ID) if self._ibeacon else None
-            if not apple or apple[0] != IBEACON_TYPE:
+            apple = manufacturer_data.get(_APPLE_COMPANY_ID) if self._ibeacon else None
+            if not apple or apple[0] != _IBEACON_TYPE:
                 return None  # cannot carry a configured tag's frame
         key = (tuple(manufacturer_data.items()), tuple(service_data.items()))
         try:
@@ -173,8 +225,8 @@ class TagClassifier:
         except KeyError:
             pass
         try:
-            found = self._matcher.match(frames_from_bleak(manufacturer_data, service_data))
-        except BleParseError:
+            found = self._matcher.match(self._frames_of(manufacturer_data, service_data))
+        except ValueError:  # the parser's error for malformed data (BleParseError)
             self.parse_errors += 1
             found = None
         if len(self._cache) >= self._cache_size:
@@ -264,7 +316,7 @@ class Presence:
 
     def __init__(
         self,
-        config: BleConfig,
+        config: PresenceParams,
         emit: Callable[[Event], None],
         *,
         key_source: Callable[[], bytes],
@@ -279,7 +331,7 @@ class Presence:
         self._alpha = config.rssi_smoothing
         self._interval = float(config.interval_s)
         self._min_count = config.min_count
-        zones = config.zones or []
+        zones = config.zones
         # (name, adapter, min_rssi, hysteresis): an empty zone list means one zone that takes all.
         self._zones: tuple[tuple[str, str | None, float | None, float], ...] = (
             tuple((z.name, z.adapter, z.min_rssi, z.hysteresis_db) for z in zones)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Literal, TypedDict
 
+from agent.core.errors import at_byte
 from agent.protocols.hextext import parse_hex
 
 __all__ = [
@@ -30,6 +32,53 @@ __all__ = [
     "frames_from_bleak",
     "parse_ad",
 ]
+
+
+class IBeaconFrame(TypedDict):
+    format: Literal["ibeacon"]
+    uuid: str
+    major: int
+    minor: int
+    tx_power: int
+
+
+class AltBeaconFrame(TypedDict):
+    format: Literal["altbeacon"]
+    beacon_id: str
+    manufacturer_id: int
+    reference_rssi: int
+    mfg_reserved: int
+
+
+class EddystoneUidFrame(TypedDict):
+    format: Literal["eddystone_uid"]
+    namespace: str
+    instance: str
+    tx_power: int
+
+
+class EddystoneUrlFrame(TypedDict):
+    format: Literal["eddystone_url"]
+    url: str
+    tx_power: int
+
+
+class EddystoneTlmFrame(TypedDict):
+    format: Literal["eddystone_tlm"]
+    version: int
+    battery_mv: int
+    temperature_c: float | None
+    adv_count: int
+    uptime_s: float
+
+
+BeaconFrame = IBeaconFrame | AltBeaconFrame | EddystoneUidFrame | EddystoneUrlFrame | EddystoneTlmFrame
+
+
+class BleDecoded(TypedDict):
+    """The `decode ble` object (contract section 6)."""
+
+    frames: list[BeaconFrame]
 
 
 class BleParseError(ValueError):
@@ -78,16 +127,16 @@ def parse_ad(data: bytes) -> list[tuple[int, bytes]]:
             break
         if i + 1 + length > end:
             raise BleParseError(
-                f"AD structure at byte {i} claims {length} bytes but only {end - i - 1} remain"
+                f"AD structure {at_byte(i)} claims {length} bytes but only {end - i - 1} remain"
             )
         structures.append((data[i + 1], bytes(data[i + 2 : i + 1 + length])))
         i += 1 + length
     return structures
 
 
-def frames_from_ad(data: bytes) -> list[dict]:
+def frames_from_ad(data: bytes) -> list[BeaconFrame]:
     """The beacon frames (contract section 6) carried by raw advertising data, in AD order."""
-    frames: list[dict] = []
+    frames: list[BeaconFrame] = []
     for ad_type, payload in parse_ad(data):
         if ad_type == AD_MANUFACTURER_DATA:
             if len(payload) < 2:
@@ -108,13 +157,13 @@ def frames_from_ad(data: bytes) -> list[dict]:
 
 def frames_from_bleak(
     manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes]
-) -> list[dict]:
+) -> list[BeaconFrame]:
     """The same frames from bleak's AdvertisementData fields.
 
     `manufacturer_data` maps company id to the data after the company id bytes;
     `service_data` maps 128-bit UUID strings to the data after the UUID.
     """
-    frames: list[dict] = []
+    frames: list[BeaconFrame] = []
     for company, payload in manufacturer_data.items():
         frame = _manufacturer_frame(company, bytes(payload))
         if frame is not None:
@@ -129,7 +178,7 @@ def frames_from_bleak(
     return frames
 
 
-def decode_ble_hex(text: str) -> dict:
+def decode_ble_hex(text: str) -> BleDecoded:
     """Decode advertising data given as hex (spaces, colons and a 0x prefix allowed)."""
     try:
         data = parse_hex(text)
@@ -141,7 +190,7 @@ def decode_ble_hex(text: str) -> dict:
 # --- frame decoders shared by both paths -------------------------------------------------
 
 
-def _manufacturer_frame(company: int, payload: bytes) -> dict | None:
+def _manufacturer_frame(company: int, payload: bytes) -> BeaconFrame | None:
     if payload[:2] == ALTBEACON_CODE:
         return _altbeacon(company, payload)
     if company == APPLE_COMPANY_ID and payload[:1] == bytes([IBEACON_TYPE]):
@@ -149,7 +198,7 @@ def _manufacturer_frame(company: int, payload: bytes) -> dict | None:
     return None
 
 
-def _service_frame(uuid16: int, payload: bytes) -> dict | None:
+def _service_frame(uuid16: int, payload: bytes) -> BeaconFrame | None:
     if uuid16 != EDDYSTONE_UUID16 or not payload:
         return None
     frame_type = payload[0]
@@ -166,7 +215,7 @@ def _signed8(byte: int) -> int:
     return byte - 256 if byte > 127 else byte
 
 
-def _ibeacon(payload: bytes) -> dict:
+def _ibeacon(payload: bytes) -> IBeaconFrame:
     # type(1) length(1) uuid(16) major(2) minor(2) power(1)
     if len(payload) != 23 or payload[1] != IBEACON_LENGTH:
         raise BleParseError(f"iBeacon frame must be 23 bytes with length 0x15, got {len(payload)} bytes")
@@ -180,7 +229,7 @@ def _ibeacon(payload: bytes) -> dict:
     }
 
 
-def _altbeacon(company: int, payload: bytes) -> dict:
+def _altbeacon(company: int, payload: bytes) -> AltBeaconFrame:
     # beacon code(2) beacon id(20) reference rssi(1) mfg reserved(1)
     if len(payload) != 24:
         raise BleParseError(f"AltBeacon frame must be 24 bytes after the company id, got {len(payload)}")
@@ -193,7 +242,7 @@ def _altbeacon(company: int, payload: bytes) -> dict:
     }
 
 
-def _eddystone_uid(payload: bytes) -> dict:
+def _eddystone_uid(payload: bytes) -> EddystoneUidFrame:
     # frame type(1) tx(1) namespace(10) instance(6) [RFU(2)]
     if len(payload) not in (18, 20):
         raise BleParseError(f"Eddystone-UID frame must be 18 or 20 bytes, got {len(payload)}")
@@ -205,7 +254,7 @@ def _eddystone_uid(payload: bytes) -> dict:
     }
 
 
-def _eddystone_url(payload: bytes) -> dict:
+def _eddystone_url(payload: bytes) -> EddystoneUrlFrame:
     # frame type(1) tx(1) scheme(1) encoded url(0-17)
     if len(payload) < 3 or len(payload) > 3 + URL_MAX_ENCODED:
         raise BleParseError(f"Eddystone-URL frame must be 3 to 20 bytes, got {len(payload)}")
@@ -223,7 +272,7 @@ def _eddystone_url(payload: bytes) -> dict:
     return {"format": "eddystone_url", "url": "".join(parts), "tx_power": _signed8(payload[1])}
 
 
-def _eddystone_tlm(payload: bytes) -> dict | None:
+def _eddystone_tlm(payload: bytes) -> EddystoneTlmFrame | None:
     if len(payload) < 2:
         raise BleParseError("Eddystone-TLM frame without a version byte")
     version = payload[1]

@@ -22,7 +22,8 @@ Decisions where the reference leaves room:
 - `ESC @` empties the print buffer like the printer does: an unfinished line is dropped, and the
   code page and Chinese mode go back to their defaults.
 - A line that holds only a column-format bit image (`ESC *`, printed with the next LF, as
-  escpos-php does for logos) is not a blank line and is left out.
+  escpos-php does for logos) is kept as "": the LF ended a line on paper, and section 4.2 keeps
+  every line an LF ends (the image itself is never text).
 - An unknown ESC/GS/FS command skips the two command bytes. Nothing but a bad `encoding` or a
   bad field pattern raises: random bytes produce some text, never an exception.
 """
@@ -33,8 +34,12 @@ import codecs
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
-__all__ = ["EscposError", "Receipt", "ReceiptParser", "decode_escpos", "extract_fields", "extract_receipts"]
+__all__ = [
+    "EscposDecoded", "EscposError", "Receipt", "ReceiptLines", "ReceiptParser", "check_encoding", "compile_patterns", "decode_escpos",
+    "extract_fields", "extract_receipts",
+]
 
 
 class EscposError(ValueError):
@@ -46,6 +51,16 @@ class Receipt:
     """The text of one receipt: everything printed between two paper cuts."""
 
     lines: list[str] = field(default_factory=list)
+
+
+class ReceiptLines(TypedDict):
+    lines: list[str]
+
+
+class EscposDecoded(TypedDict):
+    """The `decode escpos` object (contract section 4.2)."""
+
+    receipts: list[ReceiptLines]
 
 
 NUL, HT, LF, FF, CR, DLE, CAN, ESC, FS, GS = 0x00, 0x09, 0x0A, 0x0C, 0x0D, 0x10, 0x18, 0x1B, 0x1C, 0x1D
@@ -100,7 +115,8 @@ def _le16(buf: bytearray, i: int) -> int:
     return buf[i] | buf[i + 1] << 8
 
 
-def _check_encoding(encoding: str) -> tuple[str, bool]:
+def check_encoding(encoding: str) -> tuple[str, bool]:
+    """(codec name, multibyte) of an encoding the parser can read; EscposError otherwise."""
     try:
         name = codecs.lookup(encoding).name
     except LookupError:
@@ -119,7 +135,7 @@ class ReceiptParser:
     """Incremental ESC/POS stream reader: `feed` chunks, get receipts at each cut."""
 
     def __init__(self, encoding: str = "gb18030") -> None:
-        name, multibyte = _check_encoding(encoding)
+        name, multibyte = check_encoding(encoding)
         self.encoding = name
         self._chinese_codec = name if multibyte else _DEFAULT_CHINESE
         self._default_single = _DEFAULT_SINGLE_BYTE if multibyte else name
@@ -132,7 +148,6 @@ class ReceiptParser:
         self._lines: list[str] = []
         self._parts: list[str] = []  # decoded pieces of the current line
         self._raw = bytearray()  # undecoded bytes of the current line, in self._codec
-        self._graphic_in_line = False
         self._reset_modes()
 
     # --- public ---------------------------------------------------------------------------
@@ -176,16 +191,12 @@ class ReceiptParser:
 
     def _end_line(self) -> None:
         self._flush_raw()
-        line = "".join(self._parts).rstrip()
+        self._lines.append("".join(self._parts).rstrip())
         self._parts.clear()
-        if line or not self._graphic_in_line:
-            self._lines.append(line)
-        self._graphic_in_line = False
 
     def _feed_paper(self) -> None:
         if self._pending_text():
             self._end_line()
-        self._graphic_in_line = False
 
     def _cut(self, out: list[Receipt]) -> None:
         if self._pending_text():
@@ -193,12 +204,10 @@ class ReceiptParser:
         if any(self._lines):
             out.append(Receipt(lines=self._lines))
         self._lines = []
-        self._graphic_in_line = False
 
     def _initialize(self) -> None:
         self._raw.clear()
         self._parts.clear()
-        self._graphic_in_line = False
         self._reset_modes()
 
     # --- the byte loop ------------------------------------------------------------------------
@@ -294,7 +303,6 @@ class ReceiptParser:
             if n - i < 5:
                 return None
             dots = _le16(buf, i + 3)
-            self._graphic_in_line = True
             return 5 + (dots * 3 if buf[i + 2] in (32, 33) else dots)
         if c == 0x28:  # ESC ( fn pL pH ...
             if n - i < 5:
@@ -445,7 +453,7 @@ def extract_receipts(data: bytes, encoding: str = "gb18030") -> list[Receipt]:
     return parser.feed(data) + parser.flush()
 
 
-def decode_escpos(data: bytes, encoding: str = "gb18030") -> dict:
+def decode_escpos(data: bytes, encoding: str = "gb18030") -> EscposDecoded:
     """The `decode escpos` object: `{"receipts": [{"lines": [...]}, ...]}`."""
     return {"receipts": [{"lines": r.lines} for r in extract_receipts(data, encoding)]}
 
@@ -463,7 +471,18 @@ def _match_value(match: re.Match[str]) -> str:
     return match.group(0).strip()
 
 
-def extract_fields(lines: Sequence[str], patterns: Mapping[str, str]) -> dict:
+def compile_patterns(patterns: Mapping[str, str]) -> dict[str, re.Pattern[str]]:
+    """Each field's regex compiled (re.MULTILINE); EscposError naming the field for a bad one."""
+    compiled = {}
+    for key, pattern in patterns.items():
+        try:
+            compiled[key] = re.compile(pattern, re.MULTILINE)
+        except re.error as exc:
+            raise EscposError(f"pattern for {key!r} is not a valid regex: {exc}") from None
+    return compiled
+
+
+def extract_fields(lines: Sequence[str], patterns: Mapping[str, str]) -> dict[str, Any]:
     """Apply per-store regexes to a receipt's lines.
 
     The patterns run over the lines joined by newlines, with re.MULTILINE (`^`/`$` match at
@@ -472,12 +491,8 @@ def extract_fields(lines: Sequence[str], patterns: Mapping[str, str]) -> dict:
     value is its `value` group, else its first group, else the whole match.
     """
     text = "\n".join(lines)
-    fields: dict = {}
-    for key, pattern in patterns.items():
-        try:
-            regex = re.compile(pattern, re.MULTILINE)
-        except re.error as exc:
-            raise EscposError(f"pattern for {key!r} is not a valid regex: {exc}") from None
+    fields: dict[str, Any] = {}
+    for key, regex in compile_patterns(patterns).items():
         if key in _ITEM_FIELDS:
             fields[key] = [
                 {k: (v.strip() if v is not None else None) for k, v in m.groupdict().items()}

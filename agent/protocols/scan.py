@@ -14,9 +14,13 @@ Decisions where the contract is silent:
 - Bytes that are not UTF-8 are decoded as Latin-1 (lossless: the original bytes can be got back
   with `.encode("latin-1")`) and the errors list says so. That note does not make non-GS1 data
   invalid; in GS1 data such characters break the AI format anyway.
-- Without an AIM identifier, data is taken as GS1 only on positive evidence: a leading or inner
-  GS with a known AI in front, `01` followed by 14 digits, an all-digit GTIN-8/12/13/14 with a
-  right check digit, or a GS1 Digital Link URL. Anything else is opaque data (valid, `ai: {}`).
+- Without an AIM identifier, data is taken as GS1 on positive evidence: a leading or inner GS
+  with a known AI in front, `01` followed by 14 digits, all digits of a GTIN's length (8, 12, 13
+  or 14), or a GS1 Digital Link URL. Anything else is opaque data (valid, `ai: {}`).
+- All digits of a GTIN's length without an AIM identifier are a GTIN, its check digit checked:
+  many scanners send no AIM prefix, and a misread EAN-13 must not reach the cloud as valid. An
+  internal number of exactly that length with a wrong check digit is reported invalid too; a
+  scanner that sends AIM identifiers (`]C0`, `]A0`) keeps such codes opaque.
 - `valid` is true for non-GS1 data; for GS1 data it is true only without any error.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import calendar
 import re
 from functools import lru_cache
+from typing import TypedDict
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from biip import ParseError
@@ -34,9 +39,21 @@ from biip.upc import Upc
 
 from agent.protocols.hextext import parse_hex
 
-__all__ = ["ScanFramer", "ScanParseError", "decode_scan", "decode_scan_hex"]
+__all__ = ["ScanFramer", "ScanParseError", "ScanRead", "decode_scan", "decode_scan_hex"]
 
 GS = "\x1d"
+
+
+class ScanRead(TypedDict):
+    """The `decode scan` object and a `scan.read` event's data (contract section 5)."""
+
+    aim: str | None
+    symbology: str | None
+    data: str
+    gtin: str | None
+    ai: dict[str, str]
+    valid: bool
+    errors: list[str]
 
 
 class ScanParseError(ValueError):
@@ -315,7 +332,7 @@ def _looks_like_element_string(text: str) -> bool:
     return len(text) >= 16 and text.startswith("01") and text[2:16].isdigit()
 
 
-def decode_scan(raw: bytes) -> dict:
+def decode_scan(raw: bytes) -> ScanRead:
     """Decode one scanner read into the `decode scan` object of contract section 5."""
     raw = _strip_terminator(bytes(raw))
     errors: list[str] = []
@@ -358,8 +375,12 @@ def decode_scan(raw: bytes) -> dict:
             gs1 = True
             ais, found = _parse_element_string(text)
             errors.extend(found)
-        elif aim is None and text.isdigit() and len(text) in (8, 12, 13, 14) and _gtin_check_ok(text):
-            gtin = text.zfill(14)
+        elif aim is None and text.isascii() and text.isdigit() and len(text) in (8, 12, 13, 14):
+            gs1 = True  # a bare EAN-8/UPC-A/EAN-13/GTIN-14: its check digit decides
+            if _gtin_check_ok(text):
+                gtin = text.zfill(14)
+            else:
+                errors.append(f"wrong check digit in {text}")
 
     if gs1 and gtin is None and "01" in ais and not any(e.startswith("AI (01)") for e in errors):
         gtin = ais["01"]
@@ -375,7 +396,7 @@ def decode_scan(raw: bytes) -> dict:
     }
 
 
-def decode_scan_hex(text: str) -> dict:
+def decode_scan_hex(text: str) -> ScanRead:
     """Decode a read given as hex (spaces, colons and a 0x prefix allowed)."""
     try:
         data = parse_hex(text)

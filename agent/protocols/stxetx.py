@@ -24,7 +24,8 @@ from pydantic import (
     field_validator,
 )
 
-from agent.core.envelope import EnvelopeError, utc_ms
+from agent.core.envelope import EnvelopeError, json_problem, utc_ms
+from agent.core.errors import at_byte
 
 STX = 0x02
 ETX = 0x03
@@ -81,7 +82,7 @@ def encode_frame(payload: bytes) -> bytes:
         raise FrameError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
     bad = _CONTROL.search(payload)
     if bad is not None:
-        raise FrameError(f"payload byte 0x{payload[bad.start()]:02x} at offset {bad.start()} is below 0x20")
+        raise FrameError(f"payload byte 0x{payload[bad.start()]:02x} {at_byte(bad.start())} is below 0x20")
     return b"\x02" + payload + b"\x03" + bytes([lrc(payload)])
 
 
@@ -241,13 +242,17 @@ def parse_transaction(payload: bytes) -> Transaction | InvalidTransaction:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return InvalidTransaction(payload, f"payload is not UTF-8 (byte offset {exc.start})")
+        return InvalidTransaction(payload, f"payload is not UTF-8 ({at_byte(exc.start)})")
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         return InvalidTransaction(payload, f"payload is not JSON: {exc}")
     if not isinstance(obj, dict):
         return InvalidTransaction(payload, "payload is not a JSON object")
+    # before validation: a payload that could never be stored exactly must still get its ACK
+    problem = json_problem(text, obj)
+    if problem is not None:
+        return InvalidTransaction(payload, f"payload: {problem}")
     try:
         model = TransactionModel.model_validate(obj)
     except ValidationError as exc:
