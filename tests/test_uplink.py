@@ -378,3 +378,19 @@ def test_mqtt_311_delivers_end_to_end(tmp_path, broker):
         uplink.stop(1)
         outbox.close()
         collector.stop()
+
+
+def test_reconnect_schedule_probes_quickly_while_nothing_answers_and_backs_off_when_the_broker_does():
+    import random
+
+    from agent.core.backoff import ReconnectSchedule
+
+    schedule = ReconnectSchedule(cap=30.0, rng=random.Random(7))
+    quiet = [schedule.next_delay(answered=False) for _ in range(200)]
+    assert 0.25 <= quiet[0] <= 1.0 and all(1.0 <= d <= 4.0 for d in quiet[2:])
+    schedule.reset()
+    answered = [schedule.next_delay(answered=True) for _ in range(12)]
+    assert answered[0] <= 0.5 and all(15.0 <= d <= 30.0 for d in answered[6:])
+    assert all(b >= a / 2 for a, b in zip(answered, answered[1:], strict=False))
+    short = ReconnectSchedule(cap=0.5, rng=random.Random(1))
+    assert all(d <= 0.5 for d in [short.next_delay(answered=k % 2 == 0) for k in range(50)])
