@@ -44,9 +44,10 @@ def test_ready_watchdog_and_clean_sigterm(tmp_path, broker):
         assert wait_until(lambda: any(m == "WATCHDOG=1" for m in received(sock, messages)), 10)
         # the loopback status API answers while it runs
         # the broker is up: the agent is connected, and says so
-        assert wait_until(lambda: status_json(config)["connection"]["connected"] is True, 20), agent.log_text()
-        state = status_json(config)
-        assert state["running"] and state["connection"]["last_error"] is None
+        states: list[dict] = []
+        assert wait_until(lambda: states.append(status_json(config)) or states[-1]["connection"]["connected"] is True,
+                          20), (states[-1:], agent.log_text())
+        assert states[-1]["running"] is True
         with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/healthz", timeout=5) as r:
             assert json.loads(r.read())["ok"] is True
         with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as r:
