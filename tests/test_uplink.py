@@ -219,7 +219,10 @@ def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_pa
         # the refusal is no success, and the POS batch is not in front of the rest
         assert collector.wait_for(lambda c: set(app_ids) <= c.ids() and set_aside_events(c), 20), uplink.status
         report = set_aside_events(collector)[0]["data"]
-        assert report["stream"] == "pos" and report["events"] == 5 and "Not authorized" in report["reason"]
+        assert report["stream"] == "pos" and report["events"] == 5
+        # mosquitto 2.0 closes the session after a refusal: when that close loses the PUBACK, the
+        # batch is set aside for taking the connection down three times instead
+        assert "Not authorized" in report["reason"] or "connection dropped" in report["reason"], report
         assert not set(pos_ids) & collector.ids()
         assert wait_until(lambda: outbox.count == 5, 10), outbox.count  # the POS rows stay
         # (mosquitto 2.0 also drops the session after a refusal: the uplink connects again and goes on)
