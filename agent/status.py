@@ -46,6 +46,11 @@ class StatusReporter:
                 "next_attempt_s": up.next_attempt_s if up else None,
                 "inflight_batches": up.inflight if up else 0,
                 "last_error": up.last_error if up else None,
+                "max_packet_bytes": up.max_packet_bytes if up else None,
+                "set_aside": {"batches_total": up.set_aside_total if up else 0,
+                              "chunks": up.set_aside_chunks if up else 0,
+                              "events": up.set_aside_events if up else 0,
+                              "last_reason": up.last_set_aside if up else None},
             },
             "buffer": {
                 "path": str(self.outbox.path),
@@ -79,6 +84,8 @@ class StatusReporter:
             "buffer_oldest_unsent_seconds": round(stats.oldest_unsent_s, 3),
             "mqtt_connected": int(bool(up and up.connected)),
             "mqtt_reconnects_total": up.reconnects if up else 0,
+            "mqtt_set_aside_batches_total": up.set_aside_total if up else 0,
+            "buffer_set_aside_events": up.set_aside_events if up else 0,
             "commands_total": [
                 {"name": name, "outcome": outcome, "value": value}
                 for (name, outcome), value in sorted(self.commands.items())
@@ -116,6 +123,11 @@ class StatusReporter:
                [({}, m["mqtt_connected"])])
         family("store_agent_mqtt_reconnects_total", "counter", "Broker connections lost.",
                [({}, m["mqtt_reconnects_total"])])
+        family("store_agent_mqtt_set_aside_batches_total", "counter",
+               "Batches set aside (too big for the broker, refused, or dropping the connection).",
+               [({}, m["mqtt_set_aside_batches_total"])])
+        family("store_agent_buffer_set_aside_events", "gauge", "Events set aside in the buffer, kept and retried later.",
+               [({}, m["buffer_set_aside_events"])])
         family("store_agent_commands_total", "counter", "Commands by name and outcome.",
                [({"name": c["name"], "outcome": c["outcome"]}, c["value"]) for c in m["commands_total"]])
         family("store_agent_device_up", "gauge", "1 while a device answers.",

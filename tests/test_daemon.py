@@ -43,8 +43,11 @@ def test_ready_watchdog_and_clean_sigterm(tmp_path, broker):
         assert wait_until(lambda: any("READY=1" in m for m in received(sock, messages)), 20), agent.log_text()
         assert wait_until(lambda: any(m == "WATCHDOG=1" for m in received(sock, messages)), 10)
         # the loopback status API answers while it runs
-        state = status_json(config)
-        assert state["running"] and state["connection"]["connected"] in (True, False)
+        # the broker is up: the agent is connected, and says so
+        states: list[dict] = []
+        assert wait_until(lambda: states.append(status_json(config)) or states[-1]["connection"]["connected"] is True,
+                          20), (states[-1:], agent.log_text())
+        assert states[-1]["running"] is True
         with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/healthz", timeout=5) as r:
             assert json.loads(r.read())["ok"] is True
         with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as r:
@@ -94,3 +97,35 @@ def test_corrupt_buffer_at_start_is_quarantined_and_reported_upstream(tmp_path, 
     finally:
         agent.stop()
         collector.stop()
+
+
+def test_a_fresh_subscriber_sees_offline_after_a_kill_9(tmp_path, broker):
+    """The will, not a clean stop: after kill -9 the retained `state` a new subscriber gets is
+    `{"online": false}` (the broker publishes the will when the dead agent's socket closes)."""
+    config = write_config(tmp_path / "agent.toml", tmp_path / "data", broker.port, mqtt_extra="keepalive_s = 5")
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    state_topic = "retail/acme/s1/a1/state"
+    try:
+        first = Collector(broker.port, state_topic, client_id="first").start()
+        try:
+            assert first.wait_for(lambda c: any(json.loads(p)["online"] for _, p, _ in c.messages), 20), \
+                agent.log_text()
+        finally:
+            first.stop()
+        agent.kill()
+
+        def retained_offline(c: Collector) -> bool:
+            return any(retain and json.loads(p)["online"] is False for _, p, retain in c.messages)
+
+        # the will may be published a moment after the kill: subscribe again until it is retained
+        def sees_offline() -> bool:
+            c = Collector(broker.port, state_topic, client_id=f"fresh-{time.monotonic()}").start()
+            try:
+                return c.wait_for(retained_offline, 1.0)
+            finally:
+                c.stop()
+
+        assert wait_until(sees_offline, 20, interval=0.2)
+    finally:
+        if agent.alive():
+            agent.kill()

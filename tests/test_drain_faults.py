@@ -8,7 +8,7 @@ import signal
 import paho.mqtt.publish as publish
 
 from agent.core.envelope import Event
-from tests.support.agentproc import AgentProcess, prefill, write_config
+from tests.support.agentproc import AgentProcess, prefill, wait_until, write_config
 from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.subscriber import Collector
 
@@ -54,6 +54,74 @@ def test_broker_killed_mid_drain_loses_nothing(tmp_path):
             assert by_id.setdefault(e["id"], e["seq"]) == e["seq"]
         # it noticed the loss and connected again by itself (the loss shows either way it is seen:
         # a failed read, or a failed publish)
+        assert agent.log_text().count("connected to broker") >= 2
+    finally:
+        if agent.alive():
+            os.kill(agent.pid, signal.SIGCONT)
+            assert agent.stop() == 0
+        if second is not None:
+            second.stop()
+        broker.stop()
+
+
+def _unread_bytes(port: int) -> int:
+    """Bytes waiting, unread, in the receive queues of the broker's accepted sockets on `port`."""
+    total = 0
+    with open("/proc/net/tcp") as fh:
+        next(fh)
+        for line in fh:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            state = fields[3]
+            if local_port == port and state == "01":  # ESTABLISHED, the broker's side
+                total += int(fields[4].split(":")[1], 16)
+    return total
+
+
+def test_broker_frozen_with_the_window_full_then_killed_loses_nothing(tmp_path):
+    """Published, not yet acknowledged: the broker is frozen (SIGSTOP) while the agent fills its
+    in-flight window, then killed (-9) and restarted. Every event arrives: the batches that were in
+    flight are sent again, so the read cursor must start again on each connection."""
+    events = 20_000
+    data = tmp_path / "data"
+    port = free_port()
+    config = write_config(tmp_path / "agent.toml", data, port, mqtt_extra="inflight = 4\nbatch_size = 100")
+    expected = set(prefill(data, [Event("app.x", {"i": i}, "api") for i in range(events)], chunk_events=100))
+    broker = Mosquitto(tmp_path / "mq", port=port).start()
+    first = Collector(port, "retail/acme/s1/a1/up/#", client_id="c1").start()
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    second = None
+    try:
+        assert first.wait_for(lambda c: len(c.events) >= 1_000, 30), agent.log_text()[-2000:]
+        # let the subscriber catch up with everything the broker acknowledged (a marker behind it),
+        # so that what the kill loses can only be what the agent has not had acknowledged
+        os.kill(agent.pid, signal.SIGSTOP)
+        publish.single("retail/acme/s1/a1/up/marker", b'{"agent":"marker","events":[]}', qos=1,
+                       hostname="127.0.0.1", port=port)
+        assert first.wait_for(lambda c: "retail/acme/s1/a1/up/marker" in c.by_topic, 30)
+        assert broker.proc is not None
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        os.kill(agent.pid, signal.SIGCONT)
+        # the agent publishes its window into the frozen broker: bytes pile up unread, then stop growing
+        assert wait_until(lambda: _unread_bytes(port) > 0, 20)
+        sizes = [-1]
+
+        def settled() -> bool:
+            sizes.append(_unread_bytes(port))
+            return sizes[-1] == sizes[-2]
+
+        assert wait_until(settled, 20, interval=0.3)
+        seen = first.ids()
+        assert len(seen) < events, "the freeze must come mid-drain"
+        os.kill(agent.pid, signal.SIGSTOP)  # so that the new subscriber is in place before it sends
+        broker.kill()
+        first.stop()
+        broker.start()
+        second = Collector(port, "retail/acme/s1/a1/up/#", client_id="c2").start()
+        os.kill(agent.pid, signal.SIGCONT)
+        assert second.wait_for(lambda c: expected <= (seen | c.ids()), 60), (
+            f"missing {len(expected - seen - second.ids())}: {agent.log_text()[-2000:]}"
+        )
         assert agent.log_text().count("connected to broker") >= 2
     finally:
         if agent.alive():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -20,10 +23,10 @@ from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.subscriber import Collector
 
 
-def config(data_dir: Path, port: int, extra: str = "", tls: str = "tls = false"):
+def config(data_dir: Path, port: int, extra: str = "", tls: str = "tls = false", backoff_max_s: float = 0.5):
     return parse(
         f'[agent]\ntenant = "acme"\nstore = "s1"\nid = "a1"\ndata_dir = "{data_dir}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n{tls}\nbackoff_max_s = 0.5\nbatch_size = 50\n{extra}\n'.encode(),
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n{tls}\nbackoff_max_s = {backoff_max_s}\nbatch_size = 50\n{extra}\n'.encode(),
         "test.toml",
     )
 
@@ -189,3 +192,208 @@ def test_failed_tls_is_an_error_never_a_plaintext_fallback(tmp_path, case):
         broker.stop()
         if collector is not None:
             collector.stop()
+
+
+# ---- issue 12/17: what the broker refuses, what cannot fit, reconnect pacing, a dead thread --------------
+
+def set_aside_events(collector: Collector) -> list[dict]:
+    return [e for e in collector.events if e["type"] == "system.batch_set_aside"]
+
+
+def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_path):
+    """MQTT 5: a broker whose ACL refuses `up/pos` answers PUBACK 0x87. The POS rows stay in the
+    buffer (set aside, reported), the rest goes past them; once allowed, they arrive exactly once."""
+    acl = tmp_path / "acl"
+    deny_pos = ("topic read retail/#\n"
+                "topic write retail/acme/s1/a1/state\ntopic write retail/acme/s1/a1/metrics\n"
+                "topic write retail/acme/s1/a1/up/app\ntopic write retail/acme/s1/a1/up/system\n")
+    acl.write_text(deny_pos)
+    broker = Mosquitto(tmp_path / "mq", extra_conf=f"acl_file {acl}\n").start()
+    cfg = config(tmp_path, broker.port)
+    outbox = make_outbox(cfg)
+    pos_ids = outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1") for i in range(5)]).ids
+    app_ids = outbox.commit_sync([Event("app.checkin", {"i": i}, "api") for i in range(3)]).ids
+    collector = Collector(broker.port, "retail/acme/s1/a1/up/#").start()
+    uplink = Uplink(cfg, outbox).start()
+    try:
+        # the refusal is no success, and the POS batch is not in front of the rest
+        assert collector.wait_for(lambda c: set(app_ids) <= c.ids() and set_aside_events(c), 20), uplink.status
+        report = set_aside_events(collector)[0]["data"]
+        assert report["stream"] == "pos" and report["events"] == 5
+        # mosquitto 2.0 closes the session after a refusal: when that close loses the PUBACK, the
+        # batch is set aside for taking the connection down three times instead
+        assert "Not authorized" in report["reason"] or "connection dropped" in report["reason"], report
+        assert not set(pos_ids) & collector.ids()
+        assert wait_until(lambda: outbox.count == 5, 10), outbox.count  # the POS rows stay
+        # (mosquitto 2.0 also drops the session after a refusal: the uplink connects again and goes on)
+        assert wait_until(lambda: uplink.status.connected, 10)
+        assert uplink.status.set_aside_total == 1
+        assert (uplink.status.set_aside_chunks, uplink.status.set_aside_events) == (1, 5)
+        # allow it: the broker reloads its ACL on SIGHUP; `drain` retries what was set aside
+        acl.write_text(deny_pos + "topic write retail/#\n")
+        assert broker.proc is not None
+        os.kill(broker.proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: (uplink.attempt_now(), outbox.count == 0)[1], 20, interval=0.5), uplink.status
+        pos_seen = [e["id"] for e in collector.events if e["type"] == "pos.sale"]
+        assert sorted(pos_seen) == sorted(pos_ids), "each POS event exactly once"
+        assert uplink.status.set_aside_events == 0
+    finally:
+        uplink.stop(1)
+        outbox.close()
+        collector.stop()
+        broker.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_an_event_bigger_than_the_broker_packet_limit_does_not_stop_the_rest(tmp_path, protocol):
+    """mosquitto `max_packet_size 1048576` and one 2 MB event committed first: the POS events after it
+    are delivered, the big one stays in the buffer, set aside and reported. MQTT 5 knows the limit
+    from the CONNACK; under 3.1.1 the broker just drops the connection, and the batch that keeps
+    going down with it is set aside."""
+    broker = Mosquitto(tmp_path / "mq", extra_conf="max_packet_size 1048576\n").start()
+    cfg = config(tmp_path, broker.port, extra=f'protocol = "{protocol}"')
+    outbox = make_outbox(cfg)
+    outbox.commit_sync([Event("app.blob", {"b": "x" * 2_000_000}, "api")])
+    pos_ids = [outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1")]).ids[0] for i in range(5)]
+    collector = Collector(broker.port, "retail/acme/s1/a1/up/#").start()
+    uplink = Uplink(cfg, outbox).start()
+    try:
+        assert collector.wait_for(lambda c: set(pos_ids) <= c.ids(), 30), uplink.status
+        assert collector.wait_for(lambda c: set_aside_events(c), 10)
+        assert set_aside_events(collector)[0]["data"]["stream"] == "app"
+        assert wait_until(lambda: outbox.count == 1, 10)  # the big event is kept, not deleted
+        assert uplink.status.set_aside_total == 1 and uplink.status.set_aside_events == 1
+        if protocol == "5":
+            assert uplink.status.max_packet_bytes == 1048576
+            assert 1_000_000 < uplink.max_event_bytes < 1048576
+            assert "Maximum Packet Size" in (uplink.status.last_set_aside or "")
+        else:
+            assert uplink.max_event_bytes == cfg.mqtt.batch_max_bytes
+        # later events keep flowing, and the set-aside row is still not in front of them
+        later = outbox.commit_sync([Event("pos.sale", {"later": 1}, "pos:1")]).ids
+        assert collector.wait_for(lambda c: later[0] in c.ids(), 20)
+        # and it survives a restart of the uplink as set aside, not as the head of the backlog
+        uplink.stop(1)
+        uplink = Uplink(cfg, outbox).start()
+        assert wait_until(lambda: uplink.status.connected, 10)
+        assert wait_until(lambda: uplink.status.set_aside_events == 1, 10)
+        again = outbox.commit_sync([Event("pos.sale", {"again": 1}, "pos:1")]).ids
+        assert collector.wait_for(lambda c: again[0] in c.ids(), 20)
+    finally:
+        uplink.stop(1)
+        outbox.close()
+        collector.stop()
+        broker.stop()
+
+
+class CutAfterConnack:
+    """A TCP proxy in front of a real broker that passes CONNECT and CONNACK, then closes: a broker
+    that accepts the connection and refuses the session. Counts the connections it accepted."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self.upstream)) as broker:
+            client.settimeout(5)
+            broker.settimeout(5)
+            try:
+                broker.sendall(client.recv(65536))  # CONNECT
+                client.sendall(broker.recv(65536))  # CONNACK
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_backoff_is_not_reset_by_a_connack_alone(tmp_path, broker):
+    """A session that drops right after its CONNACK has not proved healthy: the reconnects slow
+    down along the ladder (they used to restart from the bottom: about 4 connections a second)."""
+    proxy = CutAfterConnack(broker.port)
+    cfg = config(tmp_path, proxy.port, backoff_max_s=30)
+    outbox = make_outbox(cfg)
+    outbox.commit_sync([Event("pos.sale", {"i": 1}, "pos:1")])
+    uplink = Uplink(cfg, outbox).start()
+    try:
+        assert wait_until(lambda: proxy.connections >= 1, 10)
+        start = proxy.connections
+        window = 8.0
+        time.sleep(window)  # the bounded window over which connections are counted
+        made = proxy.connections - start
+        # equal jitter from 0.5 s doubling: at most 5 more attempts fit 8 s (0.25+0.5+1+2+4 s)
+        assert made <= 5, f"{made} connections in {window} s"
+        assert uplink.alive and outbox.count == 1
+    finally:
+        uplink.stop(1)
+        outbox.close()
+        proxy.close()
+
+
+def test_a_failure_while_connecting_is_reported_and_retried_never_ending_the_thread(tmp_path, broker):
+    """A password file gone after start (make_client raises): the uplink thread lives on, says why in
+    `last_error`, and connects once the file is back."""
+    secret = tmp_path / "mqtt.password"
+    secret.write_text("pw\n")
+    cfg = config(tmp_path, broker.port, extra=f'username = "agent"\npassword_file = "{secret}"')
+    secret.unlink()
+    outbox = make_outbox(cfg)
+    uplink = Uplink(cfg, outbox).start()
+    try:
+        assert wait_until(lambda: "cannot connect" in (uplink.status.last_error or ""), 10), uplink.status
+        assert "mqtt.password" in (uplink.status.last_error or "")
+        assert wait_until(lambda: uplink.status.next_attempt_s is not None, 5)
+        assert uplink.alive
+        secret.write_text("pw\n")
+        assert wait_until(lambda: uplink.status.connected, 20), uplink.status
+        assert uplink.alive
+    finally:
+        uplink.stop(1)
+        outbox.close()
+
+
+def test_mqtt_311_delivers_end_to_end(tmp_path, broker):
+    cfg = config(tmp_path, broker.port, extra='protocol = "3.1.1"')
+    outbox = make_outbox(cfg)
+    ids = outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1") for i in range(120)]).ids
+    collector = Collector(broker.port, "retail/acme/s1/a1/#").start()
+    uplink = Uplink(cfg, outbox).start()
+    try:
+        assert collector.wait_for(lambda c: set(ids) <= c.ids(), 20), uplink.status
+        assert wait_until(lambda: outbox.count == 0, 10)
+        assert uplink.status.max_packet_bytes is None
+        assert collector.wait_for(lambda c: any(t.endswith("/state") for t, _, _ in c.messages), 10)
+    finally:
+        uplink.stop(1)
+        outbox.close()
+        collector.stop()
+
+
+def test_reconnect_schedule_probes_quickly_while_nothing_answers_and_backs_off_when_the_broker_does():
+    import random
+
+    from agent.core.backoff import ReconnectSchedule
+
+    schedule = ReconnectSchedule(cap=30.0, rng=random.Random(7))
+    quiet = [schedule.next_delay(answered=False) for _ in range(200)]
+    assert 0.25 <= quiet[0] <= 1.0 and all(1.0 <= d <= 4.0 for d in quiet[2:])
+    schedule.reset()
+    answered = [schedule.next_delay(answered=True) for _ in range(12)]
+    assert answered[0] <= 0.5 and all(15.0 <= d <= 30.0 for d in answered[6:])
+    assert all(b >= a / 2 for a, b in zip(answered, answered[1:], strict=False))
+    short = ReconnectSchedule(cap=0.5, rng=random.Random(1))
+    assert all(d <= 0.5 for d in [short.next_delay(answered=k % 2 == 0) for k in range(50)])

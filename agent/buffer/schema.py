@@ -30,6 +30,19 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE TABLE watermarks (ts REAL PRIMARY KEY, low_seq INTEGER NOT NULL);
     """,
+    # 2: chunks the broker keeps refusing or that can never fit its packets, set aside (kept, retried
+    # later, never in front of the rest); a row leaves with its chunk, however the chunk goes
+    """
+    CREATE TABLE parked (
+        seq    INTEGER PRIMARY KEY,  -- the chunk's seq
+        since  REAL    NOT NULL,
+        reason TEXT    NOT NULL,
+        tries  INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TRIGGER parked_forget AFTER DELETE ON chunks BEGIN
+        DELETE FROM parked WHERE seq = old.seq;
+    END;
+    """,
 ]
 
 
