@@ -33,13 +33,15 @@ def drain(cfg: AgentConfig, timeout: float) -> int:
                             max_bytes=cfg.buffer.max_bytes, chunk_events=cfg.mqtt.batch_size).open().start()
             uplink = Uplink(cfg, outbox).start()
 
-    def left_now() -> int:
-        if outbox is not None:
-            return outbox.count
+    def left_now() -> tuple[int, int]:
+        """Events still buffered, and how many of them are set aside (they wait for a later retry)."""
+        if outbox is not None and uplink is not None:
+            return outbox.count, uplink.status.set_aside_events
         state = read_status(cfg)
-        return int(state["buffer"]["events"])
+        aside = state.get("connection", {}).get("set_aside", {}).get("events", 0)
+        return int(state["buffer"]["events"]), int(aside)
 
-    start_left = left_now()
+    start_left, aside = left_now()
     deadline = time.monotonic() + timeout
     columns = (TextColumn("draining"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:>9} ev/s"),
                TimeRemainingColumn())
@@ -48,9 +50,9 @@ def drain(cfg: AgentConfig, timeout: float) -> int:
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("drain", total=max(start_left, 1), rate="-")
             left = start_left
-            while left > 0 and time.monotonic() < deadline:
+            while left > aside and time.monotonic() < deadline:
                 time.sleep(0.2)
-                left = left_now()
+                left, aside = left_now()
                 sent = max(0, start_left - left)
                 rate = sent / max(1e-6, time.monotonic() - t0)
                 progress.update(task, completed=sent, rate=f"{rate:,.0f}")
@@ -60,7 +62,10 @@ def drain(cfg: AgentConfig, timeout: float) -> int:
             uplink.stop(2.0)
             outbox.close()
             lock.release()
-    if left:
+    if left and left <= aside:
+        console.print(f"{left} events are left in the buffer, set aside: the broker refused them or they cannot "
+                      "fit its packets; they are kept and retried (see `status`)")
+    elif left:
         console.print(f"{left} events are left in the buffer (timeout after {timeout:g} s)")
     else:
         console.print(f"buffer empty: {start_left} events sent")
