@@ -21,7 +21,7 @@ import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.buffer import Outbox
+from agent.buffer import Outbox, read_chunks
 from agent.buffer.idempotency import prune_idempotency
 from agent.config import AgentConfig
 from agent.core.envelope import utc_ms
@@ -91,10 +91,10 @@ class ApiServer:
         self.outbox.flush()
         conn = sqlite3.connect(self.tmp / "buffer.db")
         try:
-            rows = conn.execute("SELECT body FROM chunks ORDER BY seq").fetchall()
+            chunks = read_chunks(conn, 0, 1_000_000)
         finally:
             conn.close()
-        return [e for (body,) in rows for e in orjson.loads(b"[" + body + b"]")]
+        return [e for c in chunks for e in orjson.loads(b"[" + c.body + b"]")]
 
 
 @pytest.fixture
