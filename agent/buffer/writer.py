@@ -328,6 +328,11 @@ class Outbox:
         self.close()
 
     @property
+    def queued(self) -> int:
+        """How many requests wait for the writer (commits, offers, deletions, calls)."""
+        return self._queue.qsize()
+
+    @property
     def alive(self) -> bool:
         """True while the writer thread runs."""
         return self._thread is not None and self._thread.is_alive()
