@@ -129,7 +129,7 @@ class _Group:
 
     now: float
     count: int
-    bytes: int
+    nbytes: int  # as the cap counts them (stored body + ROW_OVERHEAD a row)
     low_bytes: int
     next_seq: int
     rows: list[_Row] = field(default_factory=list)
@@ -546,7 +546,7 @@ class Outbox:
     def _apply(self, group: _Group) -> None:
         """After COMMIT: the accounts, the answers, the listeners."""
         self.count, self.bytes, self.low_bytes, self.next_seq = (
-            group.count, group.bytes, group.low_bytes, group.next_seq
+            group.count, group.nbytes, group.low_bytes, group.next_seq
         )
         self._lease_recorded = self._lease
         self.events_in.update(group.added)
@@ -577,7 +577,7 @@ class Outbox:
                 continue
             size = key.stored + ROW_OVERHEAD
             group.count -= key.n
-            group.bytes -= size
+            group.nbytes -= size
             if key.prio == PRIORITY_LOW:
                 group.low_bytes -= size
 
@@ -650,7 +650,7 @@ class Outbox:
     def _admit(self, conn: sqlite3.Connection, rows: list[_Row], group: _Group) -> BufferFull | None:
         """Step 3: the cap takes the rows (evicting low-priority ones) or refuses them; the lease covers them."""
         need = sum(r.size for r in rows)
-        over = group.bytes + need - self.max_bytes
+        over = group.nbytes + need - self.max_bytes
         if over > 0 and not all(r.chunk.stream == "system" for r in rows):
             if not self._make_room(conn, group, over):
                 group.refused = True
@@ -660,7 +660,7 @@ class Outbox:
             self._write_lease(seq + SEQ_LEASE_BLOCK)  # an OSError fails the whole group
         group.next_seq = seq
         group.count += sum(r.chunk.n for r in rows)
-        group.bytes += need
+        group.nbytes += need
         group.low_bytes += sum(r.size for r in rows if r.chunk.prio == PRIORITY_LOW)
         group.rows.extend(rows)
         for r in rows:
@@ -688,7 +688,7 @@ class Outbox:
                 break
         cursor.close()
         conn.executemany("DELETE FROM chunks WHERE seq=?", victims)
-        group.bytes -= freed
+        group.nbytes -= freed
         group.low_bytes -= freed
         return freed >= needed
 

@@ -95,14 +95,11 @@ class AgentProcess:
 
 def prefill(data_dir: Path, events: list[Event], *, batch: int = 500, chunk_events: int = 500) -> list[str]:
     """Commit `events` into the agent's own buffer file (acme/s1/a1) before it starts; their ids."""
-    outbox = Outbox(data_dir / "buffer.db", tenant="acme", store="s1", agent="a1", chunk_events=chunk_events).start()
     ids: list[str] = []
-    try:
+    with Outbox(data_dir / "buffer.db", tenant="acme", store="s1", agent="a1", chunk_events=chunk_events) as outbox:
         for start in range(0, len(events), batch):
             ids += outbox.commit_sync(events[start : start + batch]).ids
-        return ids
-    finally:
-        outbox.close()
+    return ids
 
 
 def status_json(config: Path) -> dict[str, Any]:
