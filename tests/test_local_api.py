@@ -4,6 +4,7 @@ a real Outbox on a SQLite file in tmp_path, httpx clients (and a raw socket wher
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import threading
@@ -501,7 +502,7 @@ def test_503_with_retry_after_when_the_cap_refuses(tmp_path: Path) -> None:
     server = ApiServer(tmp_path, max_bytes=64 * 1024)
     try:
         with httpx.Client(base_url=server.url) as c:
-            batch = [{"type": "app.fill", "data": {"pad": "x" * 1000}}] * 10
+            batch = [{"type": "app.fill", "data": {"pad": os.urandom(500).hex()}} for _ in range(10)]  # incompressible
             for _ in range(100):
                 r = post(c, batch, {"Idempotency-Key": f"fill-{_}"})
                 if r.status_code != 200:

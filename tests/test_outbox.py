@@ -477,3 +477,52 @@ def test_committed_listener_is_called(outbox):
     outbox.on_committed(lambda: calls.append(1))
     outbox.commit_sync([Event("app.a", {}, "x")])
     assert wait_until(lambda: calls == [1], 10)
+
+
+def test_acknowledged_deletions_are_written_before_the_backlog_is_read_again(tmp_path, broker):
+    """Issue 17: PUBACKed chunks whose deletion still waits for the writer are not sent again on reconnect.
+
+    The writer is held right after the backlog commits (a committed-listener that blocks), so the
+    uplink's acknowledgements queue up undeleted. The broker is then killed and restarted: the new
+    session must wait for those deletions (flush) before it reads the backlog, and publish nothing.
+    """
+    from agent.config import parse
+    from agent.uplink import Uplink
+
+    cfg = parse(
+        f'[agent]\ntenant = "acme"\nstore = "s1"\nid = "a1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\ntls = false\nbackoff_max_s = 0.2\nbatch_size = 50\n'.encode(),
+        "test.toml",
+    )
+    armed, held, release = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        if armed.is_set():
+            armed.clear()
+            held.set()
+            release.wait(30)
+
+    ob = Outbox.from_config(cfg).start()
+    uplink = Uplink(cfg, ob)  # registers its own wake-up listener first
+    ob.on_committed(hold)
+    uplink.start()
+    try:
+        assert wait_until(lambda: uplink.status.connected, 10)
+        armed.set()
+        ob.commit_sync([Event("app.a", {"i": i}, "x") for i in range(500)])
+        assert held.wait(10)
+        assert wait_until(lambda: ob.events_sent.get("app") == 500, 20), "every batch PUBACKed"
+        published = uplink.status.published_batches
+        assert (published, ob.count) == (10, 500), "acknowledged, not yet deleted"
+        broker.kill()
+        assert wait_until(lambda: not uplink.status.connected, 10)
+        broker.start()
+        # a session that reads before flushing would connect now and publish the 500 again
+        wait_until(lambda: uplink.status.connected and uplink.status.published_batches > published, 3)
+    finally:
+        release.set()
+    assert wait_until(lambda: uplink.status.connected, 10)
+    ob.flush()
+    assert (uplink.status.published_batches, ob.count) == (published, 0)
+    uplink.stop(1.0)
+    ob.close()
