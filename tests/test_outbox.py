@@ -7,6 +7,7 @@ import os
 import sqlite3
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,6 +236,22 @@ def test_acked_chunks_are_deleted_and_accounted(outbox):
     rest = read_chunks(outbox.read_conn(), 0, 100)
     assert [c.seq for c in rest] == [7, 10], "after flush() a reader sees none of the acknowledged chunks"
     assert outbox.bytes == sum(c.stored + ROW_OVERHEAD for c in rest)
+
+
+def test_acknowledged_chunks_wait_for_the_writer_without_their_bodies(outbox):
+    """Issue 12: memory stays flat in a drain however far the writer is behind: acks queue keys only."""
+    outbox.commit_sync([Event("app.a", {"i": i}, "x") for i in range(9)])
+    chunks = read_chunks(outbox.read_conn(), 0, 100)
+    bodies = [c.body for c in chunks]
+    with wedged(outbox):
+        held = [sys.getrefcount(b) for b in bodies]  # `bodies`, the chunks, and the counting itself
+        outbox.acked(chunks)
+        del chunks
+        assert outbox.queued == 1
+        # the chunks were the only other holders: the queued deletion holds no body
+        assert [sys.getrefcount(b) for b in bodies] == [n - 1 for n in held]
+    outbox.flush()
+    assert (outbox.count, outbox.bytes) == (0, 0)
 
 
 def test_a_chunk_dropped_by_the_cap_while_in_flight_is_not_counted_twice(tmp_path):
