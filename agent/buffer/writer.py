@@ -428,7 +428,11 @@ class Outbox:
         """Depth, bytes and age of the oldest unsent event; counters per stream."""
         oldest = 0.0
         if self.count:
-            first = oldest_time(self.read_conn())
+            try:
+                first = oldest_time(self.read_conn())
+            except (sqlite3.Error, ValueError) as exc:  # status must answer even so; the uplink reports it
+                log.warning("cannot read the oldest buffered event: %s", exc)
+                first = None
             if first is not None:
                 oldest = max(0.0, self._clock() - first)
         return OutboxStats(
