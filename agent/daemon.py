@@ -34,14 +34,7 @@ class Agent:
         self.cfg = cfg
         self.notifier = notifier or Notifier()
         self.health = HealthBoard()
-        self.outbox = Outbox(
-            cfg.buffer_path,
-            tenant=cfg.agent.tenant,
-            store=cfg.agent.store,
-            agent=cfg.agent.id,
-            max_bytes=cfg.buffer.max_bytes,
-            chunk_events=cfg.mqtt.batch_size,
-        )
+        self.outbox = Outbox.from_config(cfg)
         self.uplink: Uplink | None = None
         self.reporter: StatusReporter | None = None
         self.stopping = asyncio.Event()
@@ -177,7 +170,8 @@ class Agent:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5)
         if self.uplink is not None:
-            await asyncio.to_thread(self.outbox.flush)
+            with contextlib.suppress(Exception):  # a stuck or failing writer must not hold up the stop
+                await asyncio.to_thread(self.outbox.flush, SHUTDOWN_SEND_S)
             await asyncio.to_thread(self.uplink.stop, SHUTDOWN_SEND_S)
         await asyncio.to_thread(self.outbox.close)
         log.info("stopped")

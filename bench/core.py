@@ -31,6 +31,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.buffer import Outbox  # noqa: E402
+from agent.config import load as load_config  # noqa: E402
 from agent.core.envelope import Event  # noqa: E402
 from bench.local_api import cpu_seconds, memory_mb, subscriber  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
@@ -121,10 +122,11 @@ def bench_drain(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
         work = Path(tmp)
         broker = Mosquitto(work / "mosquitto").start()
-        outbox = Outbox(work / "data" / "buffer.db", tenant="bench", store="s1", agent="a1").start()
-        for i in range(0, args.events, 500):
-            outbox.commit_sync(small_events(500, i))
-        outbox.close()
+        api_port = free_port()
+        config = write_config(work, broker.port, api_port)
+        with Outbox.from_config(load_config(config)) as outbox:  # the agent's own buffer, as it will open it
+            for i in range(0, args.events, 500):
+                outbox.commit_sync(small_events(500, i))
         size_mb = sum(p.stat().st_size for p in (work / "data").iterdir()) / 1e6
         ctx = mp.get_context("spawn")
         expected = ctx.Value("q", args.events)
@@ -133,8 +135,7 @@ def bench_drain(args: argparse.Namespace) -> None:
         sub = ctx.Process(target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, result))
         sub.start()
         ready.wait(10)
-        api_port = free_port()
-        agent = start_agent(write_config(work, broker.port, api_port), work)
+        agent = start_agent(config, work)
         try:
             t0 = time.time()
             cpu0 = 0.0

@@ -4,6 +4,7 @@ a real Outbox on a SQLite file in tmp_path, httpx clients (and a raw socket wher
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import threading
@@ -21,7 +22,7 @@ import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.buffer import Outbox
+from agent.buffer import Outbox, read_chunks
 from agent.buffer.idempotency import prune_idempotency
 from agent.config import AgentConfig
 from agent.core.envelope import utc_ms
@@ -91,10 +92,10 @@ class ApiServer:
         self.outbox.flush()
         conn = sqlite3.connect(self.tmp / "buffer.db")
         try:
-            rows = conn.execute("SELECT body FROM chunks ORDER BY seq").fetchall()
+            chunks = read_chunks(conn, 0, 1_000_000)
         finally:
             conn.close()
-        return [e for (body,) in rows for e in orjson.loads(b"[" + body + b"]")]
+        return [e for c in chunks for e in orjson.loads(b"[" + c.body + b"]")]
 
 
 @pytest.fixture
@@ -501,7 +502,7 @@ def test_503_with_retry_after_when_the_cap_refuses(tmp_path: Path) -> None:
     server = ApiServer(tmp_path, max_bytes=64 * 1024)
     try:
         with httpx.Client(base_url=server.url) as c:
-            batch = [{"type": "app.fill", "data": {"pad": "x" * 1000}}] * 10
+            batch = [{"type": "app.fill", "data": {"pad": os.urandom(500).hex()}} for _ in range(10)]  # incompressible
             for _ in range(100):
                 r = post(c, batch, {"Idempotency-Key": f"fill-{_}"})
                 if r.status_code != 200:

@@ -14,6 +14,7 @@ How the subscriber stays deterministic across broker kills:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import random
@@ -33,6 +34,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.buffer import Outbox
+from agent.buffer.codec import pack
 from agent.core.envelope import Event
 from agent.protocols.stxetx import ACK, NAK, encode_frame
 from tests.support.agentproc import AgentProcess, status_json, toml_keys, toml_table
@@ -173,6 +175,11 @@ def sale(n: int, pad: int = 0) -> dict[str, Any]:
     items = [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50", "name": "x" * 40}] * max(1, pad)
     return {"txn_id": f"R1-{n:06d}", "register": "R1", "ts": "2026-11-23T16:15:02+08:00", "kind": "sale",
             "items": items, "total": f"{12.5 * len(items):.2f}", "currency": "CNY", "member_id": "M000123"}
+
+
+def noisy(txn: dict[str, Any]) -> dict[str, Any]:
+    """The sale with random item names, so that it takes about as much room compressed as it says."""
+    return dict(txn, items=[dict(item, name=base64.b64encode(os.urandom(96)).decode()) for item in txn["items"]])
 
 
 def write_config(tmp_path: Path, broker_port: int, pty_path: str | None, **sections: dict[str, Any]) -> Path:
@@ -390,17 +397,19 @@ def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cle
     pty = Pty()
     cleanup.append(pty.close)
     config = write_config(tmp_path, broker.port, pty.path, buffer={"max_bytes": cap})
-    traffic = [Event("traffic.summary", {"zone": "door", "present": i, "entered": 1, "left": 0}, "ble")
+    # random text in each event: the cap counts stored (compressed) bytes, and these must not shrink
+    traffic = [Event("traffic.summary", {"zone": "door", "present": i, "entered": 1, "left": 0,
+                                         "noise": base64.b64encode(os.urandom(230)).decode()}, "ble")
                for i in range(TRAFFIC)]
     outbox = Outbox(buffer_path(tmp_path), tenant=TENANT, store=STORE, agent=AGENT_ID, max_bytes=cap).start()
     for i in range(0, TRAFFIC, 10):  # a dozen rows, so the cap can drop the oldest few
         outbox.commit_sync(traffic[i : i + 10])
     traffic_bytes = outbox.bytes
     outbox.close()
-    big = [orjson.dumps(sale(n, pad=230)) for n in (1, 2, 3)]
-    # the sizes this scenario needs: one big sale fits, the second drops some traffic, the
-    # third cannot be made room for (what traffic is left is smaller than it)
-    assert 28_000 < traffic_bytes < 33_000 and 22_000 < len(big[0]) < 26_000
+    big = [orjson.dumps(noisy(sale(n, pad=230))) for n in (1, 2, 3)]
+    # the sizes this scenario needs (as stored): one big sale fits, the second drops some traffic,
+    # the third cannot be made room for (what traffic is left is smaller than it)
+    assert 28_000 < traffic_bytes < 33_000 and 22_000 < len(pack(big[0])) < 26_000
     agent = AgentProcess(config, tmp_path / "agent.log")
     cleanup.append(agent.stop)
     agent.start()

@@ -32,7 +32,7 @@ def config(data_dir: Path, port: int, extra: str = "", tls: str = "tls = false",
 
 
 def make_outbox(cfg) -> Outbox:
-    return Outbox(cfg.buffer_path, tenant="acme", store="s1", agent="a1", chunk_events=cfg.mqtt.batch_size).start()
+    return Outbox.from_config(cfg).start()
 
 
 def test_backlog_arrives_in_seq_order_per_stream_and_leaves_the_buffer(tmp_path, broker):

@@ -1,14 +1,57 @@
-"""The SQLite outbox: every event is committed here before anything acknowledges it.
+"""The SQLite outbox's writer: every event is committed here before anything acknowledges it.
 
+Design
+------
 One writer thread owns the write connection. Callers queue work (commits, offers, deletions after
-PUBACK) and the writer takes everything queued at once into one transaction: group commit, one
-fsync for as many requests as arrived while the previous fsync ran.
+PUBACK, calls) and the writer takes everything queued at once into one transaction: group commit,
+one fsync for as many requests as arrived while the previous fsync ran.
+
+A commit goes through three steps inside the group's transaction:
+
+1. encode: the events become JSON envelopes, numbered from the next seq, ids from one UUIDv7
+   stem per 65,536 events (`agent.core.envelope`); a bad event refuses its whole request;
+2. chunk: consecutive envelopes of one stream, at most `chunk_events` of them, become one row
+   (a `Chunk`), its body compressed (`agent.buffer.codec`);
+3. admit: the cap (`max_bytes`) takes the rows, dropping the oldest low-priority rows
+   (prio 0: traffic, metrics, telemetry) to make room, or refuses the request (`BufferFull`);
+   the seq lease is extended when the new seqs pass it.
+
+Invariants
+----------
+- A caller is answered only after COMMIT returned (synchronous=FULL, so fsync'd) or the
+  transaction was rolled back; a request is all or nothing.
+- Only rows with prio 0 are ever evicted by the cap; `pos`, `scan`, `command`, `pickup` are
+  refused instead (the device keeps its copy and resends); `system` rows pass the cap.
+- Counters (`count`, `bytes`, `events_in`, `events_dropped`, the pending `system.dropped`
+  counts) change only after COMMIT: a rolled-back group leaves them as they were.
+- `seq` is never reused. Seqs are leased in blocks of `SEQ_LEASE_BLOCK`, written (fsync'd,
+  atomically renamed) to `buffer.db.seqlease` before any seq of the block is committed; the
+  lease the file last took is recorded in its `meta` table (`seq_lease`). On open, a file that
+  does not know the lease on disk (deleted, emptied, quarantined, an old copy) starts at the
+  lease; the file that does continues from its own `last_seq` (no gap at a plain restart).
+- No exception ends the writer thread. A group that fails (`sqlite3.Error`, `OSError`, anything)
+  is rolled back; every caller in it gets a `BufferUnavailable` saying why (`DiskFull` for
+  ENOSPC / SQLITE_FULL, `BufferIOError` for the rest), `failure` holds the reason until a
+  later commit succeeds, and deletions of that group are retried with the next one.
+
+On-disk layout (see `schema`): `chunks(seq, n, stream, prio, body)`, `meta` (`last_seq`,
+`seq_lease`), `dedup`, `watermarks`; beside the file, `buffer.db.seqlease`.
+
+What a crash does at each step
+------------------------------
+- before COMMIT: nothing of the group is in the file; no caller was answered; the lease may
+  already be extended (seqs skipped, never reused).
+- after COMMIT, before the answers: the events are stored; the device or client, unanswered,
+  resends; dedup keys (POS txn ids, Idempotency-Keys) turn the resend into a duplicate.
+- during deletions after PUBACK: a deletion group is not fsync'd by itself (synchronous=NORMAL);
+  a crash may undo it and the chunks are sent again (at least once; ids make it once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import queue
@@ -19,9 +62,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.buffer.reader import Chunk
+from agent.buffer.codec import pack
+from agent.buffer.reader import Chunk, ChunkKey, oldest_time, totals
 from agent.buffer.schema import ROW_OVERHEAD, BufferCorrupt, check_file, connect, migrate
 from agent.core.envelope import (
     PRIORITY_LOW,
@@ -30,17 +74,23 @@ from agent.core.envelope import (
     Event,
     UtcFormatter,
     Uuid7,
-    id_time,
     priority_of,
 )
-from agent.sink import BufferFull, Committed, Dedup
+from agent.sink import BufferFull, BufferIOError, BufferUnavailable, Committed, Dedup, DiskFull
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
-# Seqs are leased in blocks recorded outside the database, so a quarantined buffer never reuses one.
+# Seqs are leased in blocks recorded outside the database, so a new or quarantined buffer never reuses one.
 SEQ_LEASE_BLOCK = 1_000_000
 # How many queued requests one transaction takes at most.
 GROUP_MAX_ITEMS = 4096
+# How long `close()` waits for the writer to finish what is queued (within systemd's 20 s stop budget).
+CLOSE_TIMEOUT_S = 5.0
+SQLITE_FULL = 13
+
 
 @dataclass(slots=True)
 class _Commit:
@@ -52,7 +102,7 @@ class _Commit:
 
 @dataclass(slots=True)
 class _Ack:
-    chunks: Sequence[Chunk]
+    keys: Sequence[ChunkKey]
 
 
 @dataclass(slots=True)
@@ -62,11 +112,51 @@ class _Call:
 
 
 @dataclass(slots=True)
-class _GroupState:
+class _Row:
+    """A chunk about to be inserted: the chunk (JSON body, for the accounts) and its stored body."""
+
+    chunk: Chunk
+    packed: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.packed) + ROW_OVERHEAD
+
+
+@dataclass(slots=True)
+class _Group:
+    """One transaction's work and the account changes it makes, applied only after COMMIT."""
+
+    now: float
     count: int
-    bytes: int
+    nbytes: int  # as the cap counts them (stored body + ROW_OVERHEAD a row)
     low_bytes: int
     next_seq: int
+    rows: list[_Row] = field(default_factory=list)
+    dedups: list[tuple[str, str, int, float, bytes]] = field(default_factory=list)
+    settled: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list)
+    added: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    dropped_recorded: bool = False  # the group's system.dropped event took the pending counts
+    refused: bool = False  # the cap refused a request in this group
+
+    def dedup_hit(self, dedup: Dedup) -> bytes | None:
+        for ns, key, _seq, _created, result in self.dedups:
+            if ns == dedup.namespace and key == dedup.key:
+                return result
+        return None
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        """Insert what is staged (before anything reads the tables in this transaction)."""
+        if self.dedups:
+            conn.executemany("INSERT INTO dedup(ns, key, seq, created, result) VALUES(?,?,?,?,?)", self.dedups)
+            self.dedups.clear()
+        if self.rows:
+            conn.executemany(
+                "INSERT INTO chunks(seq, n, stream, prio, body) VALUES(?,?,?,?,?)",
+                [(r.chunk.seq, r.chunk.n, r.chunk.stream, r.chunk.prio, r.packed) for r in self.rows],
+            )
+            self.rows.clear()
 
 
 @dataclass
@@ -82,8 +172,25 @@ class OutboxStats:
     events_dropped: dict[str, int] = field(default_factory=dict)
 
 
+def unavailable(exc: BaseException) -> BufferUnavailable:
+    """The `BufferUnavailable` a failed write answers with: a full disk is never "buffer full"."""
+    if isinstance(exc, BufferUnavailable):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        if code is not None and code & 0xFF == SQLITE_FULL:
+            return DiskFull(f"disk full: {exc} ({name})")
+        return BufferIOError(f"buffer I/O error: {exc} ({name})")
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFull(f"disk full: {exc}")
+        return BufferIOError(f"buffer I/O error: {exc}")
+    return BufferIOError(f"buffer writer error: {type(exc).__name__}: {exc}")
+
+
 class Outbox:
-    """The durable event buffer: `open()`, `start()` its writer, `close()`.
+    """The durable event buffer: `with Outbox.from_config(cfg) as outbox:` (or `open()`, `start()`, `close()`).
 
     `chunk_events` bounds how many events one row holds (the uplink's batch size), so a batch
     is sent as stored rows joined, with no per-event work.
@@ -116,18 +223,33 @@ class Outbox:
         self.low_bytes = 0
         self.next_seq = 1
         self._lease = 0
+        self._lease_recorded = 0  # the lease the file's meta row holds
         self._lease_path = self.path.with_name(self.path.name + ".seqlease")
         self.events_in: Counter[str] = Counter()
         self.events_sent: Counter[str] = Counter()
         self.events_dropped: Counter[str] = Counter()
         self._dropped_pending: Counter[str] = Counter()
         self._last_dropped_event = 0.0
+        self._retry_acks: list[_Ack] = []  # deletions of a failed group, retried with the next
         self.quarantined: str | None = None
         self.last_error: str | None = None
         # why commits fail right now (None while they succeed): /healthz, status and /metrics show it
         self.failure: str | None = None
         self._committed_listeners: list[Callable[[], None]] = []
         self._durable = True
+
+    @classmethod
+    def from_config(cls, cfg: AgentConfig, **overrides: Any) -> Outbox:
+        """The agent's outbox as its config describes it (path, identity, cap, chunk size)."""
+        kwargs: dict[str, Any] = {
+            "tenant": cfg.agent.tenant,
+            "store": cfg.agent.store,
+            "agent": cfg.agent.id,
+            "max_bytes": cfg.buffer.max_bytes,
+            "chunk_events": cfg.mqtt.batch_size,
+        }
+        kwargs.update(overrides)
+        return cls(cfg.buffer_path, **kwargs)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -141,22 +263,34 @@ class Outbox:
                 self._quarantine(str(exc))
         self._conn = connect(self.path)
         migrate(self._conn)
-        row = self._conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
-        last_seq = int(row[0]) if row else 0
-        lease = self._read_lease()
-        if self.quarantined is not None:
-            last_seq = max(last_seq, lease - 1)
-        self.next_seq = last_seq + 1
-        self._lease = lease if lease > self.next_seq else 0
-        size = f"coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD}"
-        self.count, self.bytes = self._conn.execute(f"SELECT coalesce(sum(n), 0), {size} FROM chunks").fetchone()
-        self.low_bytes = self._conn.execute(f"SELECT {size} FROM chunks WHERE prio = 0").fetchone()[0]
+        self.next_seq, self._lease, self._lease_recorded = self._seq_start(self._conn)
+        held = totals(self._conn)
+        self.count, self.bytes, self.low_bytes = held.events, held.bytes, held.low_bytes
         if self.quarantined is not None:
             event = Event(
                 "system.buffer_quarantined", {"moved_to": self.quarantined, "error": self.last_error}, "agent"
             )
             self._queue.put(_Commit((event,), None, None))
         return self
+
+    def _seq_start(self, conn: sqlite3.Connection) -> tuple[int, int, int]:
+        """(next seq, lease on disk, lease the file recorded): where seq goes on from.
+
+        The file that recorded the lease on disk is the one seqs were last committed to: it goes
+        on from its own `last_seq`. Any other file (new, emptied, quarantined, an old copy put
+        back) starts at the lease, above every seq ever handed out. A file from before the lease
+        was recorded (`last_seq` but no `seq_lease`) is trusted once, to add no gap on upgrade.
+        """
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('last_seq', 'seq_lease')"))
+        last_seq = int(meta.get("last_seq", 0))
+        recorded = int(meta["seq_lease"]) if "seq_lease" in meta else None
+        lease = self._read_lease()
+        knows_lease = recorded == lease or (recorded is None and "last_seq" in meta)
+        if lease and not knows_lease:
+            log.warning("buffer %s does not know the seq lease %d (new, emptied or replaced): seq goes on from it",
+                        self.path, lease)
+            last_seq = max(last_seq, lease - 1)
+        return last_seq + 1, lease, recorded or 0
 
     def start(self) -> Outbox:
         """Start the writer thread (opening the file first if needed)."""
@@ -166,15 +300,37 @@ class Outbox:
         self._thread.start()
         return self
 
-    def close(self) -> None:
-        """Finish what is queued, then stop the writer and close the file."""
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Finish what is queued, then stop the writer and close the file; waits at most `timeout` s.
+
+        A writer still busy after that (a disk that hangs) is left behind, logged: it closes the
+        file itself if it ever returns. The agent must stop within its SIGTERM budget regardless.
+        """
         if self._thread is not None:
             self._queue.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("buffer writer did not finish within %.0f s: leaving it behind", timeout)
+                self.failure = self.failure or "buffer writer is stuck"
+                self._thread = None
+                self._conn = None
+                return
             self._thread = None
-        if self._conn is not None:
+            self._conn = None  # the writer closed it
+        if self._conn is not None:  # opened, never started
             self._conn.close()
             self._conn = None
+
+    def __enter__(self) -> Outbox:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def queued(self) -> int:
+        """How many requests wait for the writer (commits, offers, deletions, calls)."""
+        return self._queue.qsize()
 
     @property
     def alive(self) -> bool:
@@ -240,10 +396,15 @@ class Outbox:
         self._queue.put(_Commit((event,), None, None, best_effort=True))
 
     def acked(self, chunks: Sequence[Chunk]) -> None:
-        """The broker acknowledged these chunks: delete them (in the writer's next group)."""
-        for chunk in chunks:
-            self.events_sent[chunk.stream] += chunk.n
-        self._queue.put(_Ack(chunks))
+        """The broker acknowledged these chunks: delete them (in the writer's next group).
+
+        Only their keys wait for the writer, never their bodies: memory stays flat however long
+        the writer is behind during a drain.
+        """
+        keys = [chunk.key for chunk in chunks]
+        for key in keys:
+            self.events_sent[key.stream] += key.n
+        self._queue.put(_Ack(keys))
 
     def call(self, fn: Callable[[sqlite3.Connection], Any], timeout: float | None = None) -> Any:
         """Run `fn(conn)` in the writer thread, inside its transaction, and return its result."""
@@ -267,9 +428,13 @@ class Outbox:
         """Depth, bytes and age of the oldest unsent event; counters per stream."""
         oldest = 0.0
         if self.count:
-            row = self.read_conn().execute("SELECT body FROM chunks ORDER BY seq LIMIT 1").fetchone()
-            if row:
-                oldest = max(0.0, self._clock() - id_time(row[0]))
+            try:
+                first = oldest_time(self.read_conn())
+            except (sqlite3.Error, ValueError) as exc:  # status must answer even so; the uplink reports it
+                log.warning("cannot read the oldest buffered event: %s", exc)
+                first = None
+            if first is not None:
+                oldest = max(0.0, self._clock() - first)
         return OutboxStats(
             events=self.count,
             bytes=self.bytes,
@@ -283,116 +448,159 @@ class Outbox:
     # ---- the writer --------------------------------------------------------------------------
 
     def _writer(self) -> None:
-        assert self._conn is not None
+        conn = self._conn
+        assert conn is not None
         get = self._queue.get
         get_nowait = self._queue.get_nowait
         stopping = False
-        while not stopping:
-            items = [get()]
-            while len(items) < GROUP_MAX_ITEMS:
+        try:
+            while not stopping:
+                items = [get()]
+                while len(items) < GROUP_MAX_ITEMS:
+                    try:
+                        items.append(get_nowait())
+                    except queue.Empty:
+                        break
+                if None in items:
+                    stopping = True
+                    items = [i for i in items if i is not None]
                 try:
-                    items.append(get_nowait())
-                except queue.Empty:
-                    break
-            if None in items:
-                stopping = True
-                items = [i for i in items if i is not None]
-            self._run_group(self._conn, items, final=stopping)
+                    self._run_group(conn, items, final=stopping)
+                except Exception as exc:  # a bug, not the disk: answered, logged, and the writer goes on
+                    log.exception("buffer writer: group failed unexpectedly")
+                    self._fail(items, unavailable(exc))
+        finally:
+            conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, items: list[Any], final: bool = False) -> None:
-        now = self._clock()
-        settled: list[tuple[Callable[[Any], None], Any]] = []
-        staged = _Staged()
-        state = _GroupState(self.count, self.bytes, self.low_bytes, self.next_seq)
-        added: Counter[str] = Counter()
-        # Only commits need fsync: a deletion after PUBACK that a crash undoes means one resend
-        # (at least once), so a group of deletions alone is not synced (WAL + synchronous=NORMAL);
-        # the next durable commit's fsync covers it anyway.
-        durable = any(isinstance(item, _Commit) for item in items) or final
-        if durable != self._durable:
-            conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
-            self._durable = durable
+        if self._retry_acks:
+            items = [*self._retry_acks, *items]
+            self._retry_acks = []
+        group = _Group(self._clock(), self.count, self.bytes, self.low_bytes, self.next_seq)
         try:
+            self._set_durable(conn, any(isinstance(item, _Commit) for item in items) or final)
+            if conn.in_transaction:  # a ROLLBACK that failed last time
+                conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
             for item in items:
                 if isinstance(item, _Commit):
-                    outcome = self._stage(conn, item, now, state, staged, added)
+                    outcome = self._stage(conn, item, group)
                     if item.done is not None:
-                        settled.append((item.done, outcome))
+                        group.settled.append((item.done, outcome))
                 elif isinstance(item, _Ack):
-                    for chunk in item.chunks:
-                        # the cap may have dropped a low-priority chunk while it was in flight:
-                        # only rows really deleted here leave the accounts
-                        if not conn.execute("DELETE FROM chunks WHERE seq=?", (chunk.seq,)).rowcount:
-                            continue
-                        size = chunk.stored + ROW_OVERHEAD
-                        state.count -= chunk.n
-                        state.bytes -= size
-                        if chunk.prio == PRIORITY_LOW:
-                            state.low_bytes -= size
+                    self._delete(conn, item.keys, group)
                 else:  # _Call: runs after what was staged before it, so it sees it
-                    staged.write(conn)
+                    group.write(conn)
                     try:
-                        settled.append((item.done, item.fn(conn)))
-                    except Exception as exc:  # handed back to the caller
-                        settled.append((item.done, exc))
-            if self._dropped_pending and (final or now - self._last_dropped_event >= 10):
-                self._stage_dropped_event(conn, now, state, staged, added)
-            staged.write(conn)
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES('last_seq', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (state.next_seq - 1,),
+                        group.settled.append((item.done, item.fn(conn)))
+                    except Exception as exc:
+                        if not conn.in_transaction:  # SQLite rolled the transaction back: the group fails
+                            raise
+                        group.settled.append((item.done, exc))  # handed back to the caller
+            pending = self._dropped_pending + group.dropped
+            if pending and (final or group.now - self._last_dropped_event >= 10):
+                self._stage_dropped_event(conn, group, pending)
+            group.write(conn)
+            meta = [("last_seq", group.next_seq - 1)]
+            if self._lease != self._lease_recorded:
+                meta.append(("seq_lease", self._lease))
+            conn.executemany(
+                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", meta
             )
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            log.error("buffer write failed: %s", exc)
-            self.last_error = f"buffer write failed: {exc}"
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            for item in items:
-                done = getattr(item, "done", None)
-                if done is not None:
-                    done(BufferFull(f"buffer write failed: {exc}"))
+        except Exception as exc:
+            self._rollback(conn)
+            self._retry_acks = [item for item in items if isinstance(item, _Ack)]
+            self._fail([item for item in items if not isinstance(item, _Ack)], unavailable(exc))
             return
-        self.count, self.bytes, self.low_bytes, self.next_seq = (
-            state.count, state.bytes, state.low_bytes, state.next_seq
-        )
-        self.events_in.update(added)
-        for done, outcome in settled:
-            done(outcome)
-        if added:
-            for listener in self._committed_listeners:
-                listener()
+        self._apply(group)
 
-    def _stage(
-        self,
-        conn: sqlite3.Connection,
-        item: _Commit,
-        now: float,
-        state: _GroupState,
-        staged: _Staged,
-        added: Counter[str],
-    ) -> Committed | BaseException:
+    def _set_durable(self, conn: sqlite3.Connection, durable: bool) -> None:
+        # Only commits need fsync: a deletion after PUBACK that a crash undoes means one resend
+        # (at least once), so a group of deletions alone is not synced (WAL + synchronous=NORMAL);
+        # the next durable commit's fsync covers it anyway.
+        if durable != self._durable:
+            conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+            self._durable = durable
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # tried again before the next group begins
+            log.error("buffer rollback failed: %s", exc)
+
+    def _fail(self, items: list[Any], error: BufferUnavailable) -> None:
+        """Answer every caller of a rolled-back group with `error`; remember why commits fail."""
+        reason = str(error)
+        if self.failure != reason:
+            log.error("buffer write failed, nothing of the group was stored: %s", reason)
+        self.failure = self.last_error = reason
+        lost: Counter[str] = Counter()
+        for item in items:
+            if isinstance(item, _Commit) and item.best_effort:
+                for event in item.events:
+                    lost[event.stream] += 1
+            done = getattr(item, "done", None)
+            if done is not None:
+                _answer(done, error)
+        if lost:  # offers have no caller to retry them: they are gone, and counted
+            self.events_dropped.update(lost)
+
+    def _apply(self, group: _Group) -> None:
+        """After COMMIT: the accounts, the answers, the listeners."""
+        self.count, self.bytes, self.low_bytes, self.next_seq = (
+            group.count, group.nbytes, group.low_bytes, group.next_seq
+        )
+        self._lease_recorded = self._lease
+        self.events_in.update(group.added)
+        self.events_dropped.update(group.dropped)
+        if group.dropped_recorded:
+            self._dropped_pending.clear()
+            self._last_dropped_event = group.now
+        else:
+            self._dropped_pending.update(group.dropped)
+        if group.refused:
+            self.failure = "buffer full: the disk cap is reached"
+        elif group.added:
+            self.failure = None
+        for done, outcome in group.settled:
+            _answer(done, outcome)
+        if group.added:
+            for listener in self._committed_listeners:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("buffer: a committed-listener failed")
+
+    def _delete(self, conn: sqlite3.Connection, keys: Sequence[ChunkKey], group: _Group) -> None:
+        for key in keys:
+            # the cap may have dropped a low-priority chunk while it was in flight:
+            # only rows really deleted here leave the accounts
+            if not conn.execute("DELETE FROM chunks WHERE seq=?", (key.seq,)).rowcount:
+                continue
+            size = key.stored + ROW_OVERHEAD
+            group.count -= key.n
+            group.nbytes -= size
+            if key.prio == PRIORITY_LOW:
+                group.low_bytes -= size
+
+    # ---- a commit: encode, chunk, admit ----------------------------------------------------------
+
+    def _stage(self, conn: sqlite3.Connection, item: _Commit, group: _Group) -> Committed | BaseException:
         dedup = item.dedup
         if dedup is not None:
-            hit = staged.dedup_hit(dedup) or conn.execute(
-                "SELECT result FROM dedup WHERE ns=? AND key=?", (dedup.namespace, dedup.key)
-            ).fetchone()
+            hit = group.dedup_hit(dedup)
+            if hit is None:
+                row = conn.execute(
+                    "SELECT result FROM dedup WHERE ns=? AND key=?", (dedup.namespace, dedup.key)
+                ).fetchone()
+                hit = None if row is None else row[0]
             if hit is not None:
-                return Committed(duplicate=True, result=hit[0])
-        events = item.events
-        first = state.next_seq
-        stems: list[tuple[str, int]] = []
-        bodies: list[bytes] = []
+                return Committed(duplicate=True, result=hit)
+        first = group.next_seq
         try:
-            for offset in range(0, len(events), Uuid7.PER_STEM):
-                part = events[offset : offset + Uuid7.PER_STEM]
-                stem = self._ids.stem(int(now * 1000))
-                bodies += self._encoder.encode_many(part, first + offset, stem, self._fmt.format(int(now * 1000)))
-                stems.append((stem, len(part)))
+            stems, envelopes = self._encode(item.events, first, group.now)
         except EnvelopeError as exc:
             return exc
         result = b""
@@ -404,109 +612,106 @@ class Outbox:
                     return exc
             else:
                 result = dedup.result
-        seq = first + len(bodies)
-        chunks: list[tuple[int, int, str, int, bytes]] = []
-        run: list[bytes] = []
-        run_stream = ""
-        for i, event in enumerate(events):
-            if event.stream != run_stream or len(run) >= self.chunk_events:
-                if run:
-                    chunks.append(_chunk_row(first + i - len(run), run, run_stream))
-                run = []
-                run_stream = event.stream
-            run.append(bodies[i])
-        if run:
-            chunks.append(_chunk_row(seq - len(run), run, run_stream))
-        need = sum(len(c[4]) + ROW_OVERHEAD for c in chunks)
-        need_low = sum(len(c[4]) + ROW_OVERHEAD for c in chunks if c[3] == PRIORITY_LOW)
-        over = state.bytes + need - self.max_bytes
-        if over > 0 and not all(c[2] == "system" for c in chunks):
-            if not self._make_room(conn, state, over, staged):
-                if item.best_effort:
-                    for c in chunks:
-                        self.events_dropped[c[2]] += c[1]
-                        self._dropped_pending[c[2]] += c[1]
-                return BufferFull("buffer full: the disk cap is reached")
-        if seq > self._lease:
-            self._write_lease(seq + SEQ_LEASE_BLOCK)
-        state.next_seq = seq
-        state.count += seq - first
-        state.bytes += need
-        state.low_bytes += need_low
-        staged.rows.extend(chunks)
-        for c in chunks:
-            added[c[2]] += c[1]
+        rows = self._chunk(item.events, envelopes, first)
+        refused = self._admit(conn, rows, group)
+        if refused is not None:
+            if item.best_effort:
+                for row in rows:
+                    group.dropped[row.chunk.stream] += row.chunk.n
+            return refused
         if dedup is not None:
-            staged.dedups.append((dedup.namespace, dedup.key, first, now, result))
+            group.dedups.append((dedup.namespace, dedup.key, first, group.now, result))
         return Committed(tuple(stems), first, result=result)
 
-    def _make_room(self, conn: sqlite3.Connection, state: _GroupState, needed: int, staged: _Staged) -> bool:
+    def _encode(
+        self, events: Sequence[Event], first: int, now: float
+    ) -> tuple[list[tuple[str, int]], list[bytes]]:
+        """Step 1: the events' envelopes, numbered from `first`, and the (id stem, count) pairs."""
+        now_ms = int(now * 1000)
+        stems: list[tuple[str, int]] = []
+        envelopes: list[bytes] = []
+        for offset in range(0, len(events), Uuid7.PER_STEM):
+            part = events[offset : offset + Uuid7.PER_STEM]
+            stem = self._ids.stem(now_ms)
+            envelopes += self._encoder.encode_many(part, first + offset, stem, self._fmt.format(now_ms))
+            stems.append((stem, len(part)))
+        return stems, envelopes
+
+    def _chunk(self, events: Sequence[Event], envelopes: list[bytes], first: int) -> list[_Row]:
+        """Step 2: runs of one stream, at most `chunk_events` long, each one row with its body compressed."""
+        rows: list[_Row] = []
+        start = 0
+        for i in range(1, len(events) + 1):
+            if i == len(events) or events[i].stream != events[start].stream or i - start >= self.chunk_events:
+                stream = events[start].stream
+                body = b",".join(envelopes[start:i])
+                packed = pack(body)
+                rows.append(_Row(Chunk(first + start, i - start, stream, priority_of(stream), body, len(packed)),
+                                 packed))
+                start = i
+        return rows
+
+    def _admit(self, conn: sqlite3.Connection, rows: list[_Row], group: _Group) -> BufferFull | None:
+        """Step 3: the cap takes the rows (evicting low-priority ones) or refuses them; the lease covers them."""
+        need = sum(r.size for r in rows)
+        over = group.nbytes + need - self.max_bytes
+        if over > 0 and not all(r.chunk.stream == "system" for r in rows):
+            if not self._make_room(conn, group, over):
+                group.refused = True
+                return BufferFull("buffer full: the disk cap is reached")
+        seq = group.next_seq + sum(r.chunk.n for r in rows)
+        if seq > self._lease:
+            self._write_lease(seq + SEQ_LEASE_BLOCK)  # an OSError fails the whole group
+        group.next_seq = seq
+        group.count += sum(r.chunk.n for r in rows)
+        group.nbytes += need
+        group.low_bytes += sum(r.size for r in rows if r.chunk.prio == PRIORITY_LOW)
+        group.rows.extend(rows)
+        for r in rows:
+            group.added[r.chunk.stream] += r.chunk.n
+        return None
+
+    def _make_room(self, conn: sqlite3.Connection, group: _Group, needed: int) -> bool:
         """Drop the oldest low-priority chunks until `needed` bytes are free; False if they can't be.
 
         Only low-priority streams (traffic, telemetry) are ever dropped; `pos`, `scan`, `command`
         and `pickup` are refused instead, so the device keeps its copy and resends.
         """
-        if state.low_bytes < needed:
+        if group.low_bytes < needed:
             return False
-        staged.write(conn)
+        group.write(conn)
         freed = 0
         victims: list[tuple[int]] = []
         cursor = conn.execute("SELECT seq, n, stream, length(body) FROM chunks WHERE prio = 0 ORDER BY seq")
         for seq, n, stream, length in cursor:
             victims.append((seq,))
             freed += length + ROW_OVERHEAD
-            state.count -= n
-            self.events_dropped[stream] += n
-            self._dropped_pending[stream] += n
+            group.count -= n
+            group.dropped[stream] += n
             if freed >= needed:
                 break
         cursor.close()
         conn.executemany("DELETE FROM chunks WHERE seq=?", victims)
-        state.bytes -= freed
-        state.low_bytes -= freed
+        group.nbytes -= freed
+        group.low_bytes -= freed
         return freed >= needed
 
-    def _stage_dropped_event(
-        self, conn: sqlite3.Connection, now: float, state: _GroupState, staged: _Staged, added: Counter[str]
-    ) -> None:
-        counts = dict(self._dropped_pending)
-        self._dropped_pending.clear()
-        self._last_dropped_event = now
+    def _stage_dropped_event(self, conn: sqlite3.Connection, group: _Group, counts: Counter[str]) -> None:
         event = Event(
             "system.dropped",
-            {"reason": "buffer_cap", "streams": counts, "count": sum(counts.values())},
+            {"reason": "buffer_cap", "streams": dict(counts), "count": sum(counts.values())},
             "agent",
         )
         # system events pass the cap, so this cannot be refused: no drop goes unrecorded
-        self._stage(conn, _Commit((event,), None, None), now, state, staged, added)
+        self._stage(conn, _Commit((event,), None, None), group)
+        group.dropped_recorded = True
 
 
-class _Staged:
-    """Writes gathered during one group, flushed with executemany."""
-
-    __slots__ = ("rows", "dedups")
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, int, str, int, bytes]] = []
-        self.dedups: list[tuple[str, str, int, float, bytes]] = []
-
-    def dedup_hit(self, dedup: Dedup) -> tuple[bytes] | None:
-        for ns, key, _seq, _created, result in self.dedups:
-            if ns == dedup.namespace and key == dedup.key:
-                return (result,)
-        return None
-
-    def write(self, conn: sqlite3.Connection) -> None:
-        if self.dedups:
-            conn.executemany("INSERT INTO dedup(ns, key, seq, created, result) VALUES(?,?,?,?,?)", self.dedups)
-            self.dedups.clear()
-        if self.rows:
-            conn.executemany("INSERT INTO chunks(seq, n, stream, prio, body) VALUES(?,?,?,?,?)", self.rows)
-            self.rows.clear()
-
-
-def _chunk_row(first_seq: int, envelopes: list[bytes], stream: str) -> tuple[int, int, str, int, bytes]:
-    return (first_seq, len(envelopes), stream, priority_of(stream), b",".join(envelopes))
+def _answer(done: Callable[[Any], None], outcome: Any) -> None:
+    try:
+        done(outcome)
+    except Exception:  # e.g. the caller's event loop is closed: nothing to tell, nothing to stop for
+        log.debug("buffer: a caller could not be answered", exc_info=True)
 
 
 def _settle(fut: asyncio.Future[Any], result: Any) -> None:

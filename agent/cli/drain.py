@@ -29,8 +29,7 @@ def drain(cfg: AgentConfig, timeout: float) -> int:
         if not lock.acquire():
             live = True
         else:
-            outbox = Outbox(cfg.buffer_path, tenant=cfg.agent.tenant, store=cfg.agent.store, agent=cfg.agent.id,
-                            max_bytes=cfg.buffer.max_bytes, chunk_events=cfg.mqtt.batch_size).open().start()
+            outbox = Outbox.from_config(cfg).start()
             uplink = Uplink(cfg, outbox).start()
 
     def left_now() -> tuple[int, int]:

@@ -10,7 +10,6 @@ import urllib.request
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.core.envelope import id_time
 from agent.runlock import RunLock
 
 
@@ -43,20 +42,21 @@ def offline_status(cfg: AgentConfig) -> dict[str, Any]:
     if not path.exists():
         state["last_error"] = f"no buffer at {path} yet"
         return state
+    from agent.buffer.reader import oldest_time, totals
+
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
-            events, size = conn.execute(
-                "SELECT coalesce(sum(n), 0), coalesce(sum(length(body)), 0) FROM chunks"
-            ).fetchone()
-            row = conn.execute("SELECT body FROM chunks ORDER BY seq LIMIT 1").fetchone()
+            held = totals(conn)
+            first = oldest_time(conn)
         finally:
             conn.close()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError) as exc:
         state["last_error"] = f"cannot read {path}: {exc}"
         return state
     state["buffer"].update(
-        events=events, bytes=size, oldest_unsent_s=round(max(0.0, time.time() - id_time(row[0])), 3) if row else 0.0
+        events=held.events, bytes=held.bytes,
+        oldest_unsent_s=round(max(0.0, time.time() - first), 3) if first is not None else 0.0,
     )
     return state
 

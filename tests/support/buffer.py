@@ -21,11 +21,8 @@ from agent.core.envelope import Event
 @contextlib.contextmanager
 def open_outbox(path: Path, **kw: Any) -> Iterator[Outbox]:
     """A started Outbox on `path` (a real SQLite file), closed afterwards."""
-    outbox = Outbox(path, **kw).start()
-    try:
+    with Outbox(path, **kw) as outbox:
         yield outbox
-    finally:
-        outbox.close()
 
 
 def chunk_events(chunk: Chunk) -> list[dict[str, Any]]:
