@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from agent.core import timestamps
+
 # Streams the cap may drop (oldest first) to make room; everything else is refused instead.
 LOW_PRIORITY_STREAMS = frozenset({"traffic", "metrics", "telemetry"})
 # Never dropped: the agent stops acknowledging the device instead (contract section 4.1).
@@ -128,21 +130,18 @@ class UtcFormatter:
 
 def parse_ts(text: str) -> datetime:
     """Parse RFC 3339 with an explicit offset (`Z` or `±hh:mm`); anything else is an error."""
-    if not isinstance(text, str) or len(text) < 20 or text[10] not in "Tt ":
-        raise EnvelopeError(f"ts {text!r} is not RFC 3339 with an offset")
     try:
-        parsed = datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
+        return timestamps.parse(text)
+    except timestamps.TimestampError:
         raise EnvelopeError(f"ts {text!r} is not RFC 3339 with an offset") from None
-    if parsed.tzinfo is None:
-        raise EnvelopeError(f"ts {text!r} has no UTC offset")
-    return parsed
 
 
 def utc_ms(text: str) -> str:
     """An RFC 3339 timestamp with any offset, as UTC with milliseconds (the envelope's `ts`)."""
-    parsed = parse_ts(text).astimezone(UTC)
-    return parsed.strftime("%Y-%m-%dT%H:%M:%S.") + f"{parsed.microsecond // 1000:03d}Z"
+    try:
+        return timestamps.utc_ms(text)
+    except timestamps.TimestampError:
+        raise EnvelopeError(f"ts {text!r} is not RFC 3339 with an offset") from None
 
 
 class EnvelopeEncoder:
