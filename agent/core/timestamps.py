@@ -76,7 +76,7 @@ def utc_ms_checked(ts: str) -> str:
 
 def is_rfc3339(text: object) -> bool:
     """True for text of RFC 3339 form with an offset (the day may still not exist: see `utc_ms`)."""
-    return isinstance(text, str) and _rfc3339.match(text) is not None
+    return isinstance(text, str) and _rfc3339.fullmatch(text) is not None  # match() lets "$" pass a final \n
 
 
 def utc_ms(text: str) -> str:
