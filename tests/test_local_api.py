@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,14 @@ import httpx
 import orjson
 import pytest
 import uvicorn
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from agent.buffer import Outbox
 from agent.buffer.idempotency import prune_idempotency
 from agent.config import AgentConfig
 from agent.health import HealthBoard
+from agent.httpserver import Limits, server_config
 from agent.status import StatusReporter
 from agent.uplink import Uplink
-from agent.httpserver import Limits, server_config
 from agent.web import make_app
 from tests.support.agentproc import wait_until
 from tests.support.mosquitto import free_port

@@ -204,7 +204,7 @@ def test_idle_half_requests_never_lock_a_client_out(tmp_path: Path, broker: Mosq
     """
     agent = FewFilesAgent(tmp_path, broker.port).start()
     assert agent.proc is not None
-    assert f"Max open files            200" in Path(f"/proc/{agent.pid}/limits").read_text()
+    assert "Max open files            200" in Path(f"/proc/{agent.pid}/limits").read_text()
     halves: list[socket.socket] = []
     try:
         for _ in range(400):
