@@ -62,6 +62,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._since = self.loop.time()  # since when this connection waits on its client
         self._header_bytes = 0
         self._in_headers = True  # the bytes that arrive now belong to a request's head
+        self._begun = False  # a request's first byte has arrived, its last not yet
 
     # ---- timers ---------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        self._begun = True
         if self._deadline is None and self._idle():
             self._arm(self.limits.header_timeout_s, "header")
 
@@ -165,6 +167,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm()
         self._in_headers = True
+        self._begun = False
         self._header_bytes = 0
         super().on_message_complete()
 
@@ -175,7 +178,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._since = self.loop.time()
         if not self._in_headers:  # answered before its body ended (a 401, a 413): the rest must come in time
             self._arm(self.limits.body_timeout_s, "body")
-        elif self._header_bytes:  # the next request has begun
+        elif self._begun:  # the next request began while this one was answered: its head is due
+            self._unset_keepalive_if_required()
             self._arm(self.limits.header_timeout_s, "header")
 
 

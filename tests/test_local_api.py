@@ -814,7 +814,8 @@ def test_endless_headers_are_cut_off(api: ApiServer, client: httpx.Client, kind:
 
 
 def test_slow_headers_are_closed_after_the_header_timeout(tmp_path: Path) -> None:
-    server = ApiServer(tmp_path, limits=Limits(header_timeout_s=1.0))
+    # keep-alive longer than the bounded waits below: only the header timeout can close these
+    server = ApiServer(tmp_path, limits=Limits(header_timeout_s=1.0, keep_alive_s=60))
     try:
         half = socket.create_connection(("127.0.0.1", server.port))
         half.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Slow: ".encode())
@@ -828,7 +829,16 @@ def test_slow_headers_are_closed_after_the_header_timeout(tmp_path: Path) -> Non
         # a keep-alive connection that begins its next request and stalls is closed the same way
         with socket.create_connection(("127.0.0.1", server.port)) as s:
             s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+            s.settimeout(10)
+            first = s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
             s.sendall(b"GET /healthz HT")
+            answer, closed = recv_all(s, 30)
+            assert closed
+            assert b"HTTP/1.1 408 " in first + answer
+        # and one that begins its next request in the same packet as the first (pipelined)
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\nGET /healthz HT".encode())
             answer, closed = recv_all(s, 30)
             assert closed
             assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408 " in answer
