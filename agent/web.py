@@ -4,7 +4,15 @@
 answers 200 only after every event of the request is durably committed, in one outbox commit
 (all or nothing). Parsing is orjson, validation a pydantic TypedDict run over the whole batch in
 one call (its errors carry the event's index), so the per-event Python work is one conversion of
-`ts` and one `Event`.
+`ts`, one serialisation of `data` (done here instead of in the buffer's writer, so that an event
+too deep or too big to ever be sent is refused with its index) and one `Event`. Nothing is
+changed on the way: what JSON can say but the envelope could not carry exactly (integers beyond
+64 bits) is refused, not rounded.
+
+Every route sits behind `RequestGuard` (the Host names this server, no other origin's browser
+pages); everything that changes state needs the token. The transport's own limits (header size,
+header and body time, connections) are in `agent.httpserver`; the memory bodies hold here is
+bounded by `BodyBudget`.
 
 An `Idempotency-Key` is stored through the outbox's `Dedup`, in the same transaction as the
 events: its stored result is the SHA-256 of the request body and the commit's id stems, from
