@@ -142,8 +142,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         if self._in_headers:
             if self._header_bytes > self.limits.max_header_bytes:
-                self._refuse(431, "headers_too_large",
-                             f"the request line and headers may take at most {self.limits.max_header_bytes} bytes")
+                if self._idle():
+                    self._refuse(431, "headers_too_large",
+                                 f"the request line and headers may take at most {self.limits.max_header_bytes} bytes")
+                else:  # pipelined behind a request still being answered: no answer of ours in between
+                    self._disarm()
+                    self.transport.abort()
                 return
             if self._deadline is None and self._idle():
                 # uvicorn stopped its keep-alive timer on these bytes: the header time runs instead
