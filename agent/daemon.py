@@ -113,15 +113,12 @@ class Agent:
             return
         import uvicorn
 
+        from agent.httpserver import server_config
         from agent.web import make_app
 
         assert self.reporter is not None and self.uplink is not None
         app = make_app(self.cfg, self.outbox, self.reporter, self.uplink)
-        config = uvicorn.Config(
-            app, host=api.host, port=api.port, log_config=None, access_log=False, lifespan="off",
-            http="httptools", timeout_keep_alive=30, server_header=False,
-        )
-        server = uvicorn.Server(config)
+        server = uvicorn.Server(server_config(app, api.host, api.port))  # with the limits uvicorn lacks
         self._server = server
 
         async def serve() -> None:

@@ -66,9 +66,24 @@ class StatusReporter:
             "last_error": last_error,
         }
 
+    def problems(self) -> list[dict[str, str]]:
+        """Why the agent cannot do its job right now (empty while it can): /healthz's 503 and its body.
+
+        A broker outage is not one: the buffer is there for it (contract section 9).
+        """
+        out = []
+        if not self.outbox.alive:
+            out.append({"code": "buffer_writer_down", "message": "the buffer's writer thread is not running"})
+        failure = self.outbox.failure
+        if failure:
+            out.append({"code": "buffer_failing", "message": f"buffer commits fail: {failure}"})
+        if self.uplink is not None and not self.uplink.alive:
+            out.append({"code": "uplink_down", "message": "the uplink thread is not running: nothing is sent"})
+        return out
+
     def healthy(self) -> bool:
-        """The loop answers (we are running this) and the buffer's writer is alive."""
-        return self.outbox.alive
+        """The loop answers (we are running this), the buffer takes commits and both threads run."""
+        return not self.problems()
 
     def metrics(self) -> dict[str, Any]:
         """The figures of /metrics as JSON (the `metrics` topic)."""
@@ -83,6 +98,11 @@ class StatusReporter:
             "buffer_bytes": stats.bytes,
             "buffer_oldest_unsent_seconds": round(stats.oldest_unsent_s, 3),
             "mqtt_connected": int(bool(up and up.connected)),
+            "buffer_writable": int(self.outbox.alive and not self.outbox.failure),
+            "thread_up": [
+                {"thread": "buffer_writer", "value": int(self.outbox.alive)},
+                {"thread": "uplink", "value": int(self.uplink is not None and self.uplink.alive)},
+            ],
             "mqtt_reconnects_total": up.reconnects if up else 0,
             "mqtt_set_aside_batches_total": up.set_aside_total if up else 0,
             "buffer_set_aside_events": up.set_aside_events if up else 0,
@@ -121,6 +141,10 @@ class StatusReporter:
                [({}, m["buffer_oldest_unsent_seconds"])])
         family("store_agent_mqtt_connected", "gauge", "1 while connected to the broker.",
                [({}, m["mqtt_connected"])])
+        family("store_agent_buffer_writable", "gauge", "1 while the buffer takes commits (writer running, no failure).",
+               [({}, m["buffer_writable"])])
+        family("store_agent_thread_up", "gauge", "1 while the agent's thread runs.",
+               [({"thread": t["thread"]}, t["value"]) for t in m["thread_up"]])
         family("store_agent_mqtt_reconnects_total", "counter", "Broker connections lost.",
                [({}, m["mqtt_reconnects_total"])])
         family("store_agent_mqtt_set_aside_batches_total", "counter",

@@ -7,7 +7,8 @@ with its own config and data dir, and a subscriber in a separate process that co
 event ids. Then `--clients` client processes post `--events` events in batches of `--batch`
 over keep-alive connections. Prints end-to-end events/s (first request to last event received
 upstream), p50/p99 request latency, the agent's peak RSS (VmHWM), the agent's CPU microseconds
-per event (user+system from /proc/PID/stat, before and after), duplicates and lost events.
+per event (user+system of all its processes from /proc/PID/stat, before and after), duplicates
+and lost events. The machine line (CPU model, cores) comes first.
 Numbers only; nothing is asserted. The client and subscriber load runs in other processes, so
 it is not counted as agent CPU; clients make their request bodies before the clock starts. The
 agent's CPU is also split by thread (names from `py-spy dump` when py-spy is installed), and
@@ -32,6 +33,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import print_machine  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +43,35 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU of a process and of every live process under it, from /proc/PID/stat.
+
+    Children that have ended and were waited for count in the parent's cutime/cstime, which are
+    added too: the agent's CPU is all of its processes'.
+    """
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if p == pid else 0)) / CLK_TCK
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes under `pid` (children, grandchildren, ...)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
@@ -186,6 +214,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--py-spy", metavar="FILE", help="also sample the agent with py-spy (collapsed stacks)")
     args = parser.parse_args()
+    print_machine()
 
     with tempfile.TemporaryDirectory(prefix="bench-local-api-") as tmp:
         work = Path(tmp)

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,16 @@ import httpx
 import orjson
 import pytest
 import uvicorn
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from agent.buffer import Outbox, read_chunks
 from agent.buffer.idempotency import prune_idempotency
 from agent.config import AgentConfig
-from agent.core.envelope import utc_ms
 from agent.health import HealthBoard
+from agent.httpserver import Limits, server_config
 from agent.status import StatusReporter
 from agent.uplink import Uplink
-from agent.web import make_app, rfc3339_utc_ms
+from agent.web import make_app
+from tests.support.agentproc import wait_until
 from tests.support.mosquitto import free_port
 
 TOKEN = "t0ken-for-tests"
@@ -41,7 +39,8 @@ class ApiServer:
     """The app served by uvicorn in a thread (its own event loop), over a real Outbox."""
 
     def __init__(self, tmp: Path, *, token: str | None = TOKEN, max_bytes: int = 1 << 30,
-                 streams: list[str] | None = None, clock: Any = time.time) -> None:
+                 streams: list[str] | None = None, clock: Any = time.time, limits: Limits | None = None,
+                 api_extra: dict[str, Any] | None = None, mqtt: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,20 +50,20 @@ class ApiServer:
             api["token_file"] = str(tmp / "token")
         if streams is not None:
             api["streams"] = streams
+        api.update(api_extra or {})
         self.cfg = AgentConfig.model_validate({
             "agent": {"tenant": "acme", "store": "s1", "id": "a1", "data_dir": str(tmp)},
-            "mqtt": {"host": None},
+            "mqtt": mqtt or {"host": None},
             "buffer": {"max_bytes": max(max_bytes, 64 * 1024)},
             "local_api": api,
         })
         self.outbox = Outbox(tmp / "buffer.db", tenant="acme", store="s1", agent="a1",
                              max_bytes=max_bytes, clock=clock).start()
-        self.uplink = Uplink(self.cfg, self.outbox)
+        self.uplink = Uplink(self.cfg, self.outbox).start()  # no broker: it waits, as in the agent
         self.reporter = StatusReporter(self.outbox, self.uplink, HealthBoard())
-        app = make_app(self.cfg, self.outbox, self.reporter, self.uplink)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-                                lifespan="off", http="httptools", loop="asyncio")
-        self.server = uvicorn.Server(config)
+        self.app = app = make_app(self.cfg, self.outbox, self.reporter, self.uplink)
+        # the agent's own server set-up (agent.httpserver), on a loop of its own in this thread
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, limits, loop="asyncio"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10
@@ -76,6 +75,7 @@ class ApiServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        self.uplink.stop(0.5)
         self.outbox.close()
 
     def stored(self) -> int:
@@ -115,9 +115,12 @@ def ev(i: int = 0, **extra: Any) -> dict[str, Any]:
     return {"type": "app.checkin", "data": {"n": i}, **extra}
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def post(client: httpx.Client, body: Any, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
     content = body if isinstance(body, bytes) else orjson.dumps(body)
-    return client.post("/v1/events", content=content, headers={**AUTH, **(headers or {})}, **kw)
+    return client.post("/v1/events", content=content, headers={**AUTH, **JSON, **(headers or {})}, **kw)
 
 
 def assert_alive(client: httpx.Client) -> None:
@@ -137,7 +140,7 @@ def test_requests_without_the_right_bearer_token_get_401(api: ApiServer, client:
         assert r.json()["error"] == "unauthorized"
         assert r.headers["www-authenticate"].startswith("Bearer")
     assert api.stored() == 0
-    assert client.post("/v1/events", content=body, headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+    assert client.post("/v1/events", content=body, headers={"Authorization": f"bearer {TOKEN}", **JSON}).status_code == 200
     assert api.stored() == 1
 
 
@@ -349,7 +352,7 @@ def test_a_10_mb_body_is_refused_and_the_server_lives_on(api: ApiServer, client:
         for i in range(0, len(big), 65536):
             yield big[i : i + 65536]
 
-    r = client.post("/v1/events", content=chunks(), headers=AUTH)
+    r = client.post("/v1/events", content=chunks(), headers={**AUTH, **JSON})
     assert r.status_code == 413
     assert r.json()["error"] == "body_too_large"  # the bytes, not the events counted after reading it all
     assert api.stored() == 0
@@ -359,8 +362,8 @@ def test_a_10_mb_body_is_refused_and_the_server_lives_on(api: ApiServer, client:
 def test_reading_stops_at_the_limit_without_waiting_for_the_rest(api: ApiServer) -> None:
     """A chunked body that never ends is answered 413 once 4 MiB have arrived: it is not buffered whole."""
     with socket.create_connection(("127.0.0.1", api.port), timeout=20) as s:
-        s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                  "Transfer-Encoding: chunked\r\n\r\n".encode())
+        s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
         chunk = b"[" + b" " * (1 << 20)
 
         def send() -> None:
@@ -420,7 +423,8 @@ def test_only_200_answers_are_remembered(api: ApiServer, client: httpx.Client) -
 
 def test_a_bad_key_is_a_400(api: ApiServer, client: httpx.Client) -> None:
     for key in ("", "a b", "x" * 256, "clé"):
-        headers = [(b"Authorization", AUTH["Authorization"].encode()), (b"Idempotency-Key", key.encode("utf-8"))]
+        headers = [(b"Authorization", AUTH["Authorization"].encode()), (b"Idempotency-Key", key.encode("utf-8")),
+                   (b"Content-Type", b"application/json")]
         r = client.post("/v1/events", content=b"[]", headers=headers)
         assert r.status_code == 400, key
         assert r.json()["error"] == "invalid_idempotency_key"
@@ -431,7 +435,7 @@ def test_the_same_key_while_the_first_is_being_committed_is_a_409(api: ApiServer
     blocker = sqlite3.connect(api.tmp / "buffer.db", isolation_level=None, timeout=30)
     blocker.execute("BEGIN IMMEDIATE")
     body = orjson.dumps([ev(1)])
-    headers = {**AUTH, "Idempotency-Key": "slow"}
+    headers = {**AUTH, **JSON, "Idempotency-Key": "slow"}
     try:
         with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=api.url, timeout=30) as c1, \
                 httpx.Client(base_url=api.url, timeout=30) as c2:
@@ -562,7 +566,7 @@ def test_healthz_metrics_status_and_drain(api: ApiServer, client: httpx.Client) 
     assert "store_agent_buffer_events 2" in r.text
     r = client.get("/v1/status")
     assert r.json()["buffer"]["events"] == 2
-    r = client.post("/v1/drain")
+    r = client.post("/v1/drain", headers=AUTH)
     assert r.status_code == 200
     assert r.json()["buffer"]["events"] == 2
     assert client.get("/nope").json() == {"error": "not_found"}
@@ -574,66 +578,350 @@ def test_healthz_is_503_once_the_buffer_writer_is_gone(api: ApiServer, client: h
     r = client.get("/healthz")
     assert r.status_code == 503
     assert r.json()["ok"] is False
+    assert [p["code"] for p in r.json()["problems"]] == ["buffer_writer_down"]
+    metrics = client.get("/metrics").text
+    assert 'store_agent_thread_up{thread="buffer_writer"} 0' in metrics
+    assert "store_agent_buffer_writable 0" in metrics
     api.outbox.start()  # for the fixture's teardown
 
 
-# ---- timestamps ---------------------------------------------------------------------------------------------
+def test_healthz_is_503_while_commits_fail_and_200_again_after(api: ApiServer, client: httpx.Client) -> None:
+    metrics = client.get("/metrics").text
+    assert "store_agent_buffer_writable 1" in metrics
+    assert 'store_agent_thread_up{thread="uplink"} 1' in metrics
+    api.outbox.failure = "disk_full: no room left on the device"  # what the writer sets while commits fail
+    r = client.get("/healthz")
+    assert r.status_code == 503
+    assert r.json()["problems"] == [{"code": "buffer_failing",
+                                     "message": "buffer commits fail: disk_full: no room left on the device"}]
+    assert r.json()["buffer"]["writable"] is False
+    assert "store_agent_buffer_writable 0" in client.get("/metrics").text
+    api.outbox.failure = None
+    assert client.get("/healthz").status_code == 200
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("2026-11-23T09:15:02.125+01:00", "2026-11-23T08:15:02.125Z"),
-        ("2026-11-23T08:15:02.125Z", "2026-11-23T08:15:02.125Z"),
-        ("2026-11-23t08:15:02.125z", "2026-11-23T08:15:02.125Z"),
-        ("2026-11-23 08:15:02Z", "2026-11-23T08:15:02.000Z"),
-        ("2026-11-23T08:15:02.1Z", "2026-11-23T08:15:02.100Z"),
-        ("2026-11-23T08:15:02.123456789-00:00", "2026-11-23T08:15:02.123Z"),
-        ("2026-01-01T00:30:00+05:45", "2025-12-31T18:45:00.000Z"),
-        ("2024-02-29T23:59:59.999-23:59", "2024-03-01T23:58:59.999Z"),
-    ],
-)
-def test_rfc3339_is_converted_to_utc_milliseconds(text: str, expected: str) -> None:
-    assert rfc3339_utc_ms(text) == expected
+def test_healthz_is_503_once_the_uplink_thread_is_gone(api: ApiServer, client: httpx.Client) -> None:
+    """Nothing would ever be sent again: that is not a broker outage (which stays a 200)."""
+    assert client.get("/healthz").json()["threads"] == {"buffer_writer": True, "uplink": True}
+    api.uplink.stop(0.5)
+    r = client.get("/healthz")
+    assert r.status_code == 503
+    assert [p["code"] for p in r.json()["problems"]] == ["uplink_down"]
+    assert 'store_agent_thread_up{thread="uplink"} 0' in client.get("/metrics").text
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["2026-11-23T08:15:02", "2026-11-23", "2026-11-23T08:15Z", "2026-11-23T24:00:00Z", "2026-11-23T08:15:60Z",
-     "2026-02-29T08:15:02Z", "2026-11-23T08:15:02+0100", "2026-11-23T08:15:02.Z", "20261123T081502Z",
-     "2026-11-23T08:15:02+24:00", "0000-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00",
-     "٢٠٢٦-11-23T08:15:02Z", "2026-11-23T08:15:02Z\n", ""],
-)
-def test_anything_else_is_refused(text: str) -> None:
-    with pytest.raises(ValueError):
-        rfc3339_utc_ms(text)
+# ---- security: token, Host, origin, media type --------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    moment=st.datetimes(min_value=datetime(1000, 1, 2), max_value=datetime(9999, 12, 30)),
-    offset_min=st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59),
-    digits=st.integers(min_value=0, max_value=9),
-)
-def test_conversion_agrees_with_datetime_and_the_envelope_module(moment: datetime, offset_min: int,
-                                                                 digits: int) -> None:
-    local = moment.replace(tzinfo=timezone(timedelta(minutes=offset_min)))
-    frac = f"{local.microsecond:06d}000"[:digits]
-    sign = "-" if offset_min < 0 else "+"
-    text = (f"{local.year:04d}-{local.month:02d}-{local.day:02d}T{local.hour:02d}:{local.minute:02d}:"
-            f"{local.second:02d}{'.' + frac if digits else ''}{sign}{abs(offset_min) // 60:02d}:{abs(offset_min) % 60:02d}")
-    utc = local.replace(microsecond=0).astimezone(UTC)
-    expected = (f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}"
-                f".{(frac + '000')[:3]}Z")
-    assert rfc3339_utc_ms(text) == expected
-    if digits in (0, 3, 6):  # the forms datetime.fromisoformat reads in Python 3.11
-        assert utc_ms(text) == expected
+def test_drain_needs_the_token(api: ApiServer, client: httpx.Client) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = client.post("/v1/drain", headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"] == "unauthorized"
+    assert client.post("/v1/drain", headers=AUTH).status_code == 200
 
 
-@settings(max_examples=500, deadline=None)
-@given(st.text(max_size=40))
-def test_random_text_raises_only_value_error(text: str) -> None:
+def test_the_host_header_must_name_this_server(api: ApiServer, client: httpx.Client) -> None:
+    """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own name as Host."""
+    for host in ("evil.example", f"evil.example:{api.port}", "127.0.0.1", f"127.0.0.1:{api.port + 1}",
+                 f"localhost.evil.example:{api.port}", f"0.0.0.0:{api.port}"):
+        for method, path in (("GET", "/v1/status"), ("GET", "/healthz"), ("GET", "/metrics"),
+                             ("POST", "/v1/drain"), ("POST", "/v1/events")):
+            r = client.request(method, path, headers={"Host": host, **AUTH, **JSON}, content=b"[]")
+            assert r.status_code == 421, (host, path)
+            assert r.json()["error"] == "misdirected_request"
+    for host in (f"127.0.0.1:{api.port}", f"localhost:{api.port}", f"LocalHost:{api.port}", f"[::1]:{api.port}"):
+        assert client.get("/v1/status", headers={"Host": host}).status_code == 200, host
+        assert post(client, [ev()], {"Host": host}).status_code == 200, host
+    assert api.stored() == 4
+    # two Host headers: refused whatever they say
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
+        s.sendall(f"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nHost: evil.example\r\n\r\n".encode())
+        assert s.recv(65536).startswith(b"HTTP/1.1 400")
+
+
+def test_cross_origin_requests_are_refused(api: ApiServer, client: httpx.Client) -> None:
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": f"http://localhost:{api.port + 1}"}, {"Origin": f"https://127.0.0.1:{api.port}"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+        r = post(client, [ev()], headers)
+        assert r.status_code == 403, headers
+        assert r.json()["error"] == "cross_origin"
+        assert "access-control-allow-origin" not in r.headers
+        assert client.get("/v1/status", headers=headers).status_code == 403
+        assert client.post("/v1/drain", headers={**AUTH, **headers}).status_code == 403
+    assert api.stored() == 0
+    # the server's own origin (a page it serves) and non-browser clients are fine
+    assert post(client, [ev()], {"Origin": f"http://127.0.0.1:{api.port}", "Sec-Fetch-Site": "same-origin"}
+                ).status_code == 200
+    assert api.stored() == 1
+
+
+def test_events_must_be_sent_as_json_or_ndjson(api: ApiServer, client: httpx.Client) -> None:
+    """A browser's "simple" cross-origin POST (text/plain, a form) needs no preflight: 415."""
+    body = orjson.dumps([ev()])
+    for media in (None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                  "multipart/form-data; boundary=x", "application/jsonx"):
+        headers = {**AUTH} if media is None else {**AUTH, "Content-Type": media}
+        r = client.post("/v1/events", content=body, headers=headers)
+        assert r.status_code == 415, media
+        assert r.json()["error"] == "unsupported_media_type"
+    assert api.stored() == 0
+    for media in ("application/json", "application/json; charset=utf-8", "APPLICATION/JSON"):
+        assert client.post("/v1/events", content=body, headers={**AUTH, "Content-Type": media}).status_code == 200
+    ndjson = {**AUTH, "Content-Type": "application/x-ndjson"}
+    assert client.post("/v1/events", content=orjson.dumps(ev()), headers=ndjson).status_code == 200
+    assert api.stored() == 4
+
+
+# ---- data that cannot travel as it came ----------------------------------------------------------------------
+
+
+def nested(levels: int) -> bytes:
+    """`data` with `levels` levels of objects and arrays: {"a": [[...]]}."""
+    return b'{"a":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+@pytest.mark.parametrize("levels", [255, 256, 600, 1021])
+def test_data_nested_too_deep_is_a_400_naming_the_event(api: ApiServer, client: httpx.Client, ndjson: bool,
+                                                        levels: int) -> None:
+    good = orjson.dumps(ev(0))
+    deep = b'{"type": "app.deep", "data": ' + nested(levels) + b"}"
+    if ndjson:
+        r = post(client, good + b"\n" + deep + b"\n" + good, {"Content-Type": "application/x-ndjson"})
+    else:
+        r = post(client, b"[" + good + b"," + deep + b"," + good + b"]")
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_events"
+    assert [e["index"] for e in r.json()["errors"]] == [1]
+    assert "nested too deep" in r.json()["errors"][0]["reason"]
+    assert api.stored() == 0
+
+
+def test_data_254_levels_deep_is_kept(api: ApiServer, client: httpx.Client) -> None:
+    r = post(client, b'[{"type": "app.deep", "data": ' + nested(254) + b"}]")
+    assert r.status_code == 200
+    assert orjson.dumps(api.envelopes()[0]["data"]) == nested(254)
+
+
+WIDE = [b"123456789012345678901234567890", b"18446744073709551616", b"-9223372036854775809",
+        b"-123456789012345678901234567890"]
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+@pytest.mark.parametrize("number", WIDE)
+def test_integers_beyond_64_bits_are_a_400_naming_the_event(api: ApiServer, client: httpx.Client, ndjson: bool,
+                                                            number: bytes) -> None:
+    """orjson reads them as floats: 1.2345678901234568e+29 would arrive upstream instead."""
+    events = [orjson.dumps(ev(0)), b'{"type": "app.x", "data": {"ok": 1}}',
+              b'{"type": "app.big", "data": {"order": {"lines": [1, ' + number + b"]}}}"]
+    if ndjson:
+        r = post(client, b"\n".join(events), {"Content-Type": "application/x-ndjson"})
+    else:
+        r = post(client, b"[" + b",\n ".join(events) + b"]")
+    assert r.status_code == 400, r.text
+    assert r.json()["errors"] == [{"index": 2, "reason": r.json()["errors"][0]["reason"]}]
+    assert "64 bits" in r.json()["errors"][0]["reason"]
+    assert api.stored() == 0
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_integers_at_the_64_bit_limits_keep_every_digit(api: ApiServer, client: httpx.Client, ndjson: bool) -> None:
+    data = b'{"u": 18446744073709551615, "i": -9223372036854775808, "s": "123456789012345678901234567890", ' \
+           b'"f": 1.2345678901234568e+29}'
+    event = b'{"type": "app.edge", "data": ' + data + b"}"
+    if ndjson:
+        r = post(client, event + b"\n", {"Content-Type": "application/x-ndjson"})
+    else:
+        r = post(client, b"[" + event + b"]")
+    assert r.status_code == 200, r.text
+    api.outbox.flush()
+    conn = sqlite3.connect(api.tmp / "buffer.db")
     try:
-        rfc3339_utc_ms(text)
-    except ValueError:
-        pass
+        (body,) = conn.execute("SELECT body FROM chunks").fetchone()
+    finally:
+        conn.close()
+    assert b'"u":18446744073709551615' in body
+    assert b'"i":-9223372036854775808' in body
+    assert b'"s":"123456789012345678901234567890"' in body
+
+
+def test_an_event_the_broker_could_never_take_is_a_413_naming_it(tmp_path: Path) -> None:
+    """`uplink.max_event_bytes` (here `batch_max_bytes`, 4096): one byte of envelope more is refused."""
+    server = ApiServer(tmp_path, mqtt={"host": None, "batch_max_bytes": 4096})
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            def event(pad: int) -> dict[str, Any]:
+                return {"type": "app.pad", "source": "tablet-ü", "data": {"pad": "x" * pad}}
+
+            assert post(c, [event(10)]).status_code == 200
+            stored = server.envelopes()[0]
+            # the door counts seq as 19 digits (its value is known only at commit)
+            fits = 10 + 4096 - len(orjson.dumps(stored)) - (19 - len(str(stored["seq"])))
+            assert server.uplink.max_event_bytes == 4096
+            r = post(c, [event(1), event(fits + 1), event(2), event(100_000)])
+            assert r.status_code == 413, r.text
+            assert r.json()["error"] == "event_too_large"
+            assert [e["index"] for e in r.json()["errors"]] == [1, 3]
+            assert "4096" in r.json()["errors"][0]["reason"]
+            assert server.stored() == 1  # nothing of the refused request
+            assert post(c, [event(fits)]).status_code == 200
+            assert max(len(orjson.dumps(e)) for e in server.envelopes()) <= 4096
+    finally:
+        server.stop()
+
+
+# ---- the web server's limits, over real sockets ----------------------------------------------------------------
+
+
+def recv_all(s: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes (True) or `timeout` passes without a close (False)."""
+    s.settimeout(timeout)
+    out = b""
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return out, True
+            out += data
+    except ConnectionResetError:
+        return out, True
+    except TimeoutError:
+        return out, False
+
+
+@pytest.mark.parametrize("kind", ["many headers", "one endless header", "endless url"])
+def test_endless_headers_are_cut_off(api: ApiServer, client: httpx.Client, kind: str) -> None:
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
+        if kind == "endless url":
+            s.sendall(b"GET /")
+            filler = b"a" * 65536
+        else:
+            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\n".encode())
+            filler = b"X-Filler: " + b"a" * 1000 + b"\r\n" if kind == "many headers" else b"X-Endless: " + b"a" * 65536
+        sent = 0
+        try:
+            while sent < 256 * 1024 * 1024:  # bounded: without a limit the server reads all of it
+                s.sendall(filler)
+                sent += len(filler)
+        except OSError:  # the server answered and closed
+            pass
+        answer, closed = recv_all(s, 10)
+    assert sent < 64 * 1024 * 1024, "the server kept reading the headers"
+    assert closed
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert_alive(client)
+
+
+def test_slow_headers_are_closed_after_the_header_timeout(tmp_path: Path) -> None:
+    # keep-alive longer than the bounded waits below: only the header timeout can close these
+    server = ApiServer(tmp_path, limits=Limits(header_timeout_s=1.0, keep_alive_s=60))
+    try:
+        half = socket.create_connection(("127.0.0.1", server.port))
+        half.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Slow: ".encode())
+        silent = socket.create_connection(("127.0.0.1", server.port))  # sends nothing at all
+        with half, silent:
+            answer, closed = recv_all(half, 30)
+            assert closed, "a half-request was kept open"
+            assert answer.startswith(b"HTTP/1.1 408")
+            assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "request_timeout"
+            assert recv_all(silent, 30)[1], "a silent connection was kept open"
+        # a keep-alive connection that begins its next request and stalls is closed the same way
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+            s.settimeout(10)
+            first = s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /healthz HT")
+            answer, closed = recv_all(s, 30)
+            assert closed
+            assert b"HTTP/1.1 408 " in first + answer
+        # and one that begins its next request in the same packet as the first (pipelined)
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\nGET /healthz HT".encode())
+            answer, closed = recv_all(s, 30)
+            assert closed
+            assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408 " in answer
+        with httpx.Client(base_url=server.url) as c:
+            assert_alive(c)
+    finally:
+        server.stop()
+
+
+def test_half_requests_beyond_the_connection_cap_never_lock_out_a_client(tmp_path: Path) -> None:
+    server = ApiServer(tmp_path, limits=Limits(max_connections=20))
+    halves: list[socket.socket] = []
+    try:
+        for _ in range(60):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n".encode())
+            halves.append(s)
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            for _ in range(3):
+                assert_alive(c)
+        # the server keeps at most its cap: the oldest half-requests were closed
+        closed = sum(recv_all(s, 0.5)[1] for s in halves[:30])
+        assert closed == 30
+    finally:
+        for s in halves:
+            s.close()
+        server.stop()
+
+
+def test_a_stalled_body_is_closed_after_the_body_timeout(tmp_path: Path) -> None:
+    server = ApiServer(tmp_path, limits=Limits(body_timeout_s=1.0))
+    try:
+        for framing in ("Transfer-Encoding: chunked", "Content-Length: 100000"):
+            with socket.create_connection(("127.0.0.1", server.port)) as s:
+                s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                          f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
+                          .encode())
+                part = b"[" + b" " * 999
+                s.sendall(b"%x\r\n%s\r\n" % (len(part), part) if "chunked" in framing else part)
+                assert recv_all(s, 30)[1], f"a stalled body ({framing}) was kept open"
+        with httpx.Client(base_url=server.url) as c:
+            assert_alive(c)
+        assert server.stored() == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_bodies_beyond_the_shared_budget_are_refused(tmp_path: Path, framing: str) -> None:
+    """8 bodies of max_body_bytes may be held at once, all requests together; the 9th gets 503."""
+    server = ApiServer(tmp_path, api_extra={"max_body_bytes": 64 * 1024})
+    held: list[socket.socket] = []
+    try:
+        body = b"[" + b" " * 60_000 + b"]"
+
+        def open_body(s: socket.socket, part: bytes) -> None:
+            framing_header = ("Transfer-Encoding: chunked" if framing == "chunked"
+                              else f"Content-Length: {len(body)}")
+            s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                      f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                      f"{framing_header}\r\n\r\n".encode())
+            s.sendall(b"%x\r\n%s\r\n" % (len(part), part) if framing == "chunked" else part)
+
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            open_body(s, body[:-1])  # all but the last byte: the request is held open
+            held.append(s)
+        budget = server.app.app.routes[0].endpoint.__self__.budget  # the EventApi's
+        assert wait_until(lambda: budget.held >= 8 * 60_001)
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            open_body(s, body[:-1])
+            answer, closed = recv_all(s, 20)
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        assert b"retry-after: 1" in answer.lower()
+        assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "busy"
+        assert closed
+        for s in held:
+            s.close()
+        held.clear()
+        with httpx.Client(base_url=server.url, timeout=10) as c:  # given back once those requests end
+            assert wait_until(lambda: post(c, [ev()]).status_code == 200, timeout=20)
+    finally:
+        for s in held:
+            s.close()
+        server.stop()

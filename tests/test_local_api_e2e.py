@@ -9,7 +9,9 @@ one the retry's answer names.
 from __future__ import annotations
 
 import os
+import resource
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -22,12 +24,13 @@ import orjson
 import pytest
 
 from tests.support.agentproc import AgentProcess as SharedAgentProcess
+from tests.support.agentproc import wait_until
 from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.subscriber import Collector
 
 AGENT = Path(sys.executable).with_name("store-agent")  # the venv's console script
 TOKEN = "e2e-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 PER_REQUEST = 50
 
 
@@ -106,7 +109,8 @@ def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_ki
     # one request is surely in flight at the kill: its body is never finished
     partial = socket.create_connection(("127.0.0.1", agent.port))
     partial_body = request_body("partial")
-    partial.sendall(f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+    partial.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    "Content-Type: application/json\r\n"
                     f"Idempotency-Key: partial\r\nContent-Length: {len(partial_body)}\r\n\r\n".encode()
                     + partial_body[: len(partial_body) // 2])
     unanswered.append("partial")
@@ -166,4 +170,53 @@ def test_answers_do_not_wait_for_the_broker(tmp_path: Path, broker: Mosquitto) -
             assert health.json()["mqtt"]["connected"] is False
             assert c.get("/v1/status").json()["buffer"]["events"] == 5 * PER_REQUEST
     finally:
+        agent.stop()
+
+
+class FewFilesAgent(AgentProcess):
+    """The agent with an open-file limit of 200, as a small box or a strict unit might give it."""
+
+    def start(self) -> AgentProcess:
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(AGENT), "run", "--config", str(self.config)], stdout=log, stderr=log,
+                stdin=subprocess.DEVNULL, env=self.env, start_new_session=True, preexec_fn=limit,
+            )
+        assert wait_until(lambda: self._answers(), timeout=20), self.log_text()[-2000:]
+        return self
+
+    def _answers(self) -> bool:
+        assert self.alive(), self.log_text()[-2000:]
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+def test_idle_half_requests_never_lock_a_client_out(tmp_path: Path, broker: Mosquitto) -> None:
+    """More half-requests than the agent has file descriptors: a normal request still gets 200.
+
+    Before the connection cap, the field test's 8,300 idle half-requests used up the agent's
+    descriptors, and no client could connect any more.
+    """
+    agent = FewFilesAgent(tmp_path, broker.port).start()
+    assert agent.proc is not None
+    assert "Max open files            200" in Path(f"/proc/{agent.pid}/limits").read_text()
+    halves: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            s = socket.create_connection(("127.0.0.1", agent.port))
+            s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n".encode())
+            halves.append(s)
+        with httpx.Client(base_url=agent.url, timeout=10) as c:
+            for n in range(3):
+                assert c.get("/healthz").status_code == 200
+                assert c.post("/v1/events", content=request_body(f"after-{n}"), headers=AUTH).status_code == 200
+        assert agent.alive()
+    finally:
+        for s in halves:
+            s.close()
         agent.stop()

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError, read_secret
 from agent.runlock import RunLock
 
 
@@ -23,9 +23,13 @@ def api_call(cfg: AgentConfig, method: str, path: str, timeout: float = 2.0) -> 
         host = f"[{host}]"
     request = urllib.request.Request(f"http://{host}:{cfg.local_api.port}{path}", method=method)
     try:
+        if method != "GET":  # the server wants the API token on everything that changes state
+            token = read_secret(cfg.local_api.token_file)
+            if token:
+                request.add_header("Authorization", f"Bearer {token.strip()}")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError, ValueError, ConfigError):
         return None
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from agent.core import timestamps
 from agent.core.errors import at_byte
 
 # Streams the cap may drop (oldest first) to make room; everything else is refused instead.
@@ -41,7 +42,8 @@ class EnvelopeError(ValueError):
 
 # orjson serialises at most 254 levels of nesting; `data` deeper than that cannot be stored.
 MAX_DATA_DEPTH = 254
-_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+# Integers JSON carries exactly through orjson (and most consumers): int64 and uint64.
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1
 # 19 digits reach past int64's minimum; anything shorter is in range for sure.
 _LONG_INTEGER = re.compile(r"\d{19,}")
 
@@ -63,7 +65,7 @@ def json_problem(text: str, parsed: Any) -> str | None:
 
     def parse_int(literal: str) -> int:
         value = int(literal)
-        if not _INT64_MIN <= value <= _UINT64_MAX and not found:
+        if not INT_MIN <= value <= INT_MAX and not found:
             found.append(literal)
         return value
 
@@ -176,21 +178,18 @@ class UtcFormatter:
 
 def parse_ts(text: str) -> datetime:
     """Parse RFC 3339 with an explicit offset (`Z` or `±hh:mm`); anything else is an error."""
-    if not isinstance(text, str) or len(text) < 20 or text[10] not in "Tt ":
-        raise EnvelopeError(f"ts {text!r} is not RFC 3339 with an offset")
     try:
-        parsed = datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
+        return timestamps.parse(text)
+    except timestamps.TimestampError:
         raise EnvelopeError(f"ts {text!r} is not RFC 3339 with an offset") from None
-    if parsed.tzinfo is None:
-        raise EnvelopeError(f"ts {text!r} has no UTC offset")
-    return parsed
 
 
 def utc_ms(text: str) -> str:
     """An RFC 3339 timestamp with any offset, as UTC with milliseconds (the envelope's `ts`)."""
-    parsed = parse_ts(text).astimezone(UTC)
-    return parsed.strftime("%Y-%m-%dT%H:%M:%S.") + f"{parsed.microsecond // 1000:03d}Z"
+    try:
+        return timestamps.utc_ms(text)
+    except timestamps.TimestampError:
+        raise EnvelopeError(f"ts {text!r} is not RFC 3339 with an offset") from None
 
 
 class EnvelopeEncoder:
