@@ -21,8 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.buffer.footprint import Footprint, dedup_cost, truncate_wal
 from agent.buffer.reader import Chunk
-from agent.buffer.schema import ROW_OVERHEAD, BufferCorrupt, check_file, connect, migrate
+from agent.buffer.schema import (
+    ROW_OVERHEAD,
+    BufferCorrupt,
+    check_file,
+    connect,
+    migrate,
+    record_clean_stop,
+    take_clean_stop,
+)
 from agent.core.envelope import (
     PRIORITY_LOW,
     EnvelopeEncoder,
@@ -67,6 +76,7 @@ class _GroupState:
     bytes: int
     low_bytes: int
     next_seq: int
+    extra: int = 0  # dedup rows staged in this group, as the cap counts them (footprint.dedup_cost)
 
 
 @dataclass
@@ -128,18 +138,27 @@ class Outbox:
         self.failure: str | None = None
         self._committed_listeners: list[Callable[[], None]] = []
         self._durable = True
+        # what counts toward max_bytes on disk, and the WAL's bound (agent/buffer/footprint.py)
+        self.footprint = Footprint(self.path, max_bytes)
+        # set once the file is known sound (checked, or closed cleanly): nothing is sent before
+        self.checked = threading.Event()
+        self.checked_fully = False  # whether open() ran the full quick_check (after an unclean stop)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> Outbox:
         """Open (creating or migrating) the file; a corrupt one is moved aside, never deleted."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+        if self.path.exists() and not take_clean_stop(self.path):
+            self.checked_fully = True
             try:
                 check_file(self.path)
             except BufferCorrupt as exc:
                 self._quarantine(str(exc))
+        elif self.path.exists():
+            log.info("buffer %s was closed cleanly: full check skipped", self.path.name)
         self._conn = connect(self.path)
+        self.footprint.attach(self._conn)
         migrate(self._conn)
         row = self._conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
         last_seq = int(row[0]) if row else 0
@@ -151,6 +170,8 @@ class Outbox:
         size = f"coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD}"
         self.count, self.bytes = self._conn.execute(f"SELECT coalesce(sum(n), 0), {size} FROM chunks").fetchone()
         self.low_bytes = self._conn.execute(f"SELECT {size} FROM chunks WHERE prio = 0").fetchone()[0]
+        self.footprint.calibrate(self._conn, self.bytes)
+        self.checked.set()
         if self.quarantined is not None:
             event = Event(
                 "system.buffer_quarantined", {"moved_to": self.quarantined, "error": self.last_error}, "agent"
@@ -173,8 +194,15 @@ class Outbox:
             self._thread.join()
             self._thread = None
         if self._conn is not None:
+            # everything into the file and the WAL emptied, so the marker can vouch for the file
+            clean = not self._conn.in_transaction and truncate_wal(self._conn)
             self._conn.close()
             self._conn = None
+            if clean and self.path.exists():
+                try:
+                    record_clean_stop(self.path)
+                except OSError as exc:  # no marker: the next start checks the file fully
+                    log.warning("could not record a clean stop of %s: %s", self.path, exc)
 
     @property
     def alive(self) -> bool:
@@ -361,6 +389,10 @@ class Outbox:
             state.count, state.bytes, state.low_bytes, state.next_seq
         )
         self.events_in.update(added)
+        try:
+            self.footprint.after_commit(conn, self.bytes, self.count)
+        except (sqlite3.Error, OSError) as exc:  # measuring failed: the last calibration stands
+            log.warning("buffer footprint not measured: %s", exc)
         for done, outcome in settled:
             done(outcome)
         if added:
@@ -419,8 +451,10 @@ class Outbox:
             chunks.append(_chunk_row(seq - len(run), run, run_stream))
         need = sum(len(c[4]) + ROW_OVERHEAD for c in chunks)
         need_low = sum(len(c[4]) + ROW_OVERHEAD for c in chunks if c[3] == PRIORITY_LOW)
-        over = state.bytes + need - self.max_bytes
-        if over > 0 and not all(c[2] == "system" for c in chunks):
+        cost = 0 if dedup is None else dedup_cost(dedup.namespace, dedup.key, result)
+        over = state.bytes + state.extra + need + cost - self.footprint.cap
+        # system events pass the cap; a request that stores only its Idempotency-Key does not
+        if over > 0 and not (chunks and all(c[2] == "system" for c in chunks)):
             if not self._make_room(conn, state, over, staged):
                 if item.best_effort:
                     for c in chunks:
@@ -433,6 +467,7 @@ class Outbox:
         state.count += seq - first
         state.bytes += need
         state.low_bytes += need_low
+        state.extra += cost
         staged.rows.extend(chunks)
         for c in chunks:
             added[c[2]] += c[1]
