@@ -36,6 +36,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.buffer import Outbox
+from agent.buffer.footprint import wal_bound
 from agent.core.envelope import Event
 from agent.protocols.stxetx import ACK, NAK, encode_frame
 from tests.support.agentproc import AgentProcess as SharedAgentProcess
@@ -439,17 +440,20 @@ TRAFFIC = 120
 def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cleanup) -> None:
     broker, collector = upstream
     broker.kill()  # offline from the start: the buffer fills
-    cap = 64 * 1024
     pty = Pty()
     cleanup.append(pty.close)
-    config = write_config(tmp_path, broker.port, pty.path, buffer={"max_bytes": cap})
     traffic = [Event("traffic.summary", {"zone": "door", "present": i, "entered": 1, "left": 0}, "ble")
                for i in range(TRAFFIC)]
-    outbox = Outbox(buffer_path(tmp_path), tenant=TENANT, store=STORE, agent=AGENT_ID, max_bytes=cap).start()
+    outbox = Outbox(buffer_path(tmp_path), tenant=TENANT, store=STORE, agent=AGENT_ID).start()
     for i in range(0, TRAFFIC, 10):  # a dozen rows, so the cap can drop the oldest few
         outbox.commit_sync(traffic[i : i + 10])
     traffic_bytes = outbox.bytes
+    # the whole data_dir counts toward the cap: leave the events 64 KiB beside the schema, the
+    # side files, the pages' slack (measured) and the WAL's reserve
+    cap = 64 * 1024 + outbox.footprint.overhead
+    cap += 2 * wal_bound(cap)
     outbox.close()
+    config = write_config(tmp_path, broker.port, pty.path, buffer={"max_bytes": cap})
     big = [orjson.dumps(sale(n, pad=230)) for n in (1, 2, 3)]
     # the sizes this scenario needs: one big sale fits, the second drops some traffic, the
     # third cannot be made room for (what traffic is left is smaller than it)

@@ -36,6 +36,9 @@ WAL_BOUND_MIN = 64 * 1024
 WAL_BOUND_MAX = 16 << 20
 # Below this the WAL is left alone when the buffer drains (truncating costs an fsync).
 DRAIN_TRUNCATE_MIN = 1 << 20
+# How long a truncation waits for readers to leave the WAL, and the pause after one that could not.
+TRUNCATE_BUSY_MS = 250
+TRUNCATE_RETRY_S = 1.0
 # Side files are sized from the file system at most this often (they change rarely).
 SIDE_EVERY_S = 1.0
 # A dedup row costs its key and result plus this (record header, b-tree cell, the seq and time),
@@ -117,6 +120,7 @@ class Footprint:
         self.overhead = 0  # used - logical, at the last calibration
         self.truncations = 0
         self._side_at = -SIDE_EVERY_S
+        self._retry_at = 0.0
 
     def attach(self, conn: sqlite3.Connection) -> None:
         """Set the writer connection's pragmas for a bounded footprint."""
@@ -165,7 +169,10 @@ class Footprint:
     def after_commit(self, conn: sqlite3.Connection, logical: int, events: int) -> None:
         """After each transaction: calibrate, and truncate the WAL past its bound or once drained."""
         size = self.wal_size()
-        if size > self.wal_bound or (events == 0 and size >= min(DRAIN_TRUNCATE_MIN, self.wal_bound)):
-            if truncate_wal(conn):
+        due = size > self.wal_bound or (events == 0 and size >= min(DRAIN_TRUNCATE_MIN, self.wal_bound))
+        if due and time.monotonic() >= self._retry_at:
+            if truncate_wal(conn, TRUNCATE_BUSY_MS):
                 self.truncations += 1
+            else:  # a reader holds on to the WAL: the writer does not wait on it group after group
+                self._retry_at = time.monotonic() + TRUNCATE_RETRY_S
         self.calibrate(conn, logical)
