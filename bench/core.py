@@ -53,7 +53,8 @@ def small_events(n: int, start: int = 0) -> list[Event]:
             for i in range(n)]
 
 
-def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Path | None = None) -> Path:
+def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Path | None = None,
+                 max_bytes: int = 1 << 30, log_level: str = "warning") -> Path:
     (work / "token").write_text(TOKEN + "\n")
     mqtt = f'host = "127.0.0.1"\nport = {broker_port}\ntls = false\n' if broker_port else ""
     config = work / "agent.toml"
@@ -61,7 +62,8 @@ def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Pa
         f'[agent]\ntenant = "bench"\nstore = "s1"\nid = "a1"\ndata_dir = "{data or work / "data"}"\n'
         f"[mqtt]\n{mqtt}"
         f'[local_api]\nlisten = "127.0.0.1:{api_port}"\ntoken_file = "{work / "token"}"\n'
-        '[log]\nlevel = "warning"\n'
+        f'[buffer]\nmax_bytes = {max_bytes}\n'
+        f'[log]\nlevel = "{log_level}"\n'
     )
     return config
 
@@ -138,8 +140,8 @@ def drop_caches() -> bool:
         return False
 
 
-def prefill_direct(data: Path, n: int) -> None:
-    outbox = Outbox(data / "buffer.db", tenant="bench", store="s1", agent="a1").start()
+def prefill_direct(data: Path, n: int, max_bytes: int = 1 << 30) -> None:
+    outbox = Outbox(data / "buffer.db", tenant="bench", store="s1", agent="a1", max_bytes=max_bytes).start()
     for i in range(0, n, 500):
         outbox.commit_sync(small_events(min(500, n - i), i))
     outbox.close()
@@ -385,11 +387,15 @@ def bench_backlog(args: argparse.Namespace) -> None:
         work = Path(tmp)
         data = work / "data"
         broker = Mosquitto(work / "mosquitto")
+        # hold the broker's port while it is down (bound, not listening: connections are refused),
+        # so nothing else takes it during a long fill
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", broker.port))
         n = args.events // 4 * 4 if args.fill == "api" else args.events
         if args.fill == "direct":
-            prefill_direct(data, n)
+            prefill_direct(data, n, args.max_bytes)
         api_port = free_port()
-        agent = start_agent(write_config(work, broker.port, api_port), work)
+        agent = start_agent(write_config(work, broker.port, api_port, max_bytes=args.max_bytes), work)
         sampler = Sampler(agent.pid, data)
         try:
             wait_for(lambda: api_get(api_port, "/healthz") is not None, 120)
@@ -398,12 +404,14 @@ def bench_backlog(args: argparse.Namespace) -> None:
             if args.fill == "api":
                 fill_wall = fill_api(api_port, n)
                 fill_cpu = tree_cpu_seconds(agent.pid) - fill_cpu
-            wait_for(lambda: api_get(api_port, "/v1/status")["buffer"]["events"] >= n, 60)
+            wait_for(lambda: api_get(api_port, "/v1/status")["buffer"]["events"] >= n, 10)
+            n = api_get(api_port, "/v1/status")["buffer"]["events"]  # fewer if the cap refused some
             before_dir, before_wal, fill_wal_max = data_dir_bytes(data), wal_bytes(data), sampler.wal_max
             fill_dir_max = sampler.dir_max
             sampler.reset()
             ctx = mp.get_context("spawn")
             expected, ready, result = ctx.Value("q", n), ctx.Event(), ctx.Queue()
+            holder.close()
             broker.start()
             sub = ctx.Process(target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, result))
             sub.start()
@@ -428,7 +436,7 @@ def bench_backlog(args: argparse.Namespace) -> None:
         mb = 1e6
         fill = (f"{n / fill_wall:,.0f} events/s through the local API, agent CPU {fill_cpu / n * 1e6:.2f} us/event"
                 if args.fill == "api" else "prefilled")
-        print(f"backlog {n:,} ({args.fill}): fill {fill}; WAL max {fill_wal_max / mb:.1f} MB, data_dir max "
+        print(f"backlog {n:,} ({args.fill}, max_bytes {args.max_bytes:,}): fill {fill}; WAL max {fill_wal_max / mb:.1f} MB, data_dir max "
               f"{fill_dir_max / mb:.1f} MB during the fill")
         print(f"  before the drain: data_dir {before_dir / mb:.1f} MB ({before_dir / n:.0f} B on disk per event), "
               f"WAL {before_wal / mb:.1f} MB")
@@ -481,10 +489,10 @@ def bench_startup(args: argparse.Namespace) -> None:
         work = Path(tmp)
         data = Path(args.data) if args.data else work / "data"
         if not (data / "buffer.db").exists():
-            prefill_direct(data, args.events)
+            prefill_direct(data, args.events, args.max_bytes)
         size = data_dir_bytes(data)
         api_port = free_port()
-        config = write_config(work, None, api_port, data=data)
+        config = write_config(work, None, api_port, data=data, max_bytes=args.max_bytes, log_level="info")
         clean = time_startup(config, work, api_port, cold=True)
         # an unclean stop: kill -9 of a running agent, then a start out of cache
         agent = start_agent(config, work)
@@ -506,6 +514,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--fill", choices=["api", "direct"], default="api", help="backlog: how it is made")
+    parser.add_argument("--max-bytes", type=int, default=1 << 30, help="backlog, startup: [buffer] max_bytes")
     parser.add_argument("--data", help="startup: a data_dir to reuse (filled on the first run)")
     args = parser.parse_args()
     print_machine()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer import Outbox, read_chunks
+from agent.buffer import ROW_OVERHEAD, Outbox, read_chunks
 from agent.buffer.footprint import data_dir_bytes, overwriting_deletes, truncate_wal, wal_bound, wal_path
 from agent.buffer.idempotency import NAMESPACE, stored_result
 from agent.core.envelope import Event
@@ -191,6 +191,8 @@ def test_a_clean_close_skips_the_full_check_and_an_unclean_one_does_not(tmp_path
     ob.close()
     again = Outbox(path).open()
     assert not again.checked_fully and again.checked.is_set() and again.count == 10
+    # the totals recorded at the clean close are those a full count finds
+    assert again.bytes == sum(len(c.body) + ROW_OVERHEAD for c in read_chunks(again.read_conn(), 0, 100)) > 0
     # the marker is gone while the file is open: a crash now means a full check next time
     crashed = Outbox(path).open()
     assert crashed.checked_fully and crashed.count == 10

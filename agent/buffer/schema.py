@@ -93,6 +93,27 @@ def record_clean_stop(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def record_clean_totals(conn: sqlite3.Connection, totals: tuple[int, int, int]) -> bool:
+    """At a clean close: the writer's (events, bytes, low-priority bytes), so a clean start need not
+    scan every row for them (0.7 s for 5M events out of cache). Trusted only with the marker."""
+    try:
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('clean_totals', ?)",
+                     (" ".join(str(int(t)) for t in totals),))
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def read_clean_totals(conn: sqlite3.Connection) -> tuple[int, int, int] | None:
+    """The totals `record_clean_totals` left, or None."""
+    row = conn.execute("SELECT value FROM meta WHERE key='clean_totals'").fetchone()
+    try:
+        count, total, low = (int(v) for v in str(row[0]).split())
+    except (TypeError, ValueError):
+        return None
+    return count, total, low
+
+
 def take_clean_stop(path: Path) -> bool:
     """True if the file was closed cleanly and not touched since; the marker is gone either way."""
     marker = clean_marker(path)

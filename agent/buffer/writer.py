@@ -29,7 +29,9 @@ from agent.buffer.schema import (
     check_file,
     connect,
     migrate,
+    read_clean_totals,
     record_clean_stop,
+    record_clean_totals,
     take_clean_stop,
 )
 from agent.core.envelope import (
@@ -149,7 +151,8 @@ class Outbox:
     def open(self) -> Outbox:
         """Open (creating or migrating) the file; a corrupt one is moved aside, never deleted."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and not take_clean_stop(self.path):
+        clean = self.path.exists() and take_clean_stop(self.path)
+        if self.path.exists() and not clean:
             self.checked_fully = True
             try:
                 check_file(self.path)
@@ -167,9 +170,12 @@ class Outbox:
             last_seq = max(last_seq, lease - 1)
         self.next_seq = last_seq + 1
         self._lease = lease if lease > self.next_seq else 0
-        size = f"coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD}"
-        self.count, self.bytes = self._conn.execute(f"SELECT coalesce(sum(n), 0), {size} FROM chunks").fetchone()
-        self.low_bytes = self._conn.execute(f"SELECT {size} FROM chunks WHERE prio = 0").fetchone()[0]
+        totals = read_clean_totals(self._conn) if clean else None
+        if totals is None:  # after an unclean stop: counted again (0.7 s for 5M events out of cache)
+            size = f"coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD}"
+            count, total = self._conn.execute(f"SELECT coalesce(sum(n), 0), {size} FROM chunks").fetchone()
+            totals = (count, total, self._conn.execute(f"SELECT {size} FROM chunks WHERE prio = 0").fetchone()[0])
+        self.count, self.bytes, self.low_bytes = totals
         self.footprint.calibrate(self._conn, self.bytes)
         self.checked.set()
         if self.quarantined is not None:
@@ -195,7 +201,9 @@ class Outbox:
             self._thread = None
         if self._conn is not None:
             # everything into the file and the WAL emptied, so the marker can vouch for the file
-            clean = not self._conn.in_transaction and truncate_wal(self._conn)
+            clean = (not self._conn.in_transaction
+                     and record_clean_totals(self._conn, (self.count, self.bytes, self.low_bytes))
+                     and truncate_wal(self._conn))
             self._conn.close()
             self._conn = None
             if clean and self.path.exists():
