@@ -33,8 +33,11 @@ def drain(outbox: Outbox, step: int = 50) -> None:
 def test_writer_connection_runs_fast_secure_delete_and_a_wal_size_limit(tmp_path: Path) -> None:
     ob = Outbox(tmp_path / "buffer.db", max_bytes=1 << 30).open().start()
     try:
-        pragmas = ob.call(lambda conn: [conn.execute(f"PRAGMA {p}").fetchone()[0]
-                                        for p in ("secure_delete", "journal_size_limit")])
+        pragmas = ob.call(
+            lambda conn: [
+                conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("secure_delete", "journal_size_limit")
+            ]
+        )
         assert pragmas == [2, 16 << 20] and wal_bound(1 << 30) == 16 << 20  # 2: FAST
     finally:
         ob.close()
@@ -145,9 +148,11 @@ def test_ordinary_deletes_leave_big_bodies_in_free_pages_erasure_overwrites_them
         ob.commit_sync([Event("app.note", {"n": i, "who": secret.decode()}, "x") for i in range(100)])
         chunks = read_chunks(ob.read_conn(), 0, 100)
         if erase:
+
             def erase_rows(conn: sqlite3.Connection) -> None:
                 with overwriting_deletes(conn):
                     conn.executemany("DELETE FROM chunks WHERE seq=?", [(c.seq,) for c in chunks])
+
             ob.call(erase_rows)
             ob.call(lambda conn: None)
         else:

@@ -8,7 +8,6 @@ from agent.buffer import ROW_OVERHEAD, Outbox, read_chunks
 from agent.core.envelope import EnvelopeError, Event
 from agent.sink import BufferFull, Dedup
 
-
 # The whole data_dir counts toward the cap (footprint.py): about 190 KiB of it is the WAL's
 # reserve, the -shm file and the empty schema, so this leaves events about 64 KiB.
 SMALL_CAP = 256 * 1024
