@@ -4,6 +4,7 @@ what deletes leave behind, and the full check only after an unclean stop. Real f
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from agent.buffer.idempotency import NAMESPACE, stored_result
 from agent.core.envelope import Event
 from agent.sink import BufferFull, Dedup
 from tests.support.agentproc import AgentProcess, prefill, wait_until, write_config
+from tests.support.mosquitto import free_port
 
 
 def events(n: int, start: int = 0, pad: int = 200) -> list[Event]:
@@ -248,3 +250,33 @@ def test_agent_runs_the_full_check_after_kill_9_not_after_sigterm(tmp_path: Path
     assert [skipped in r for r in runs] == [True, True, False, True], runs
     assert [checked in r for r in runs] == [False, False, True, False], runs
     assert wait_until(lambda: (data / "buffer.db.clean").exists(), 5)
+
+
+def test_agent_answers_503_when_idempotency_keys_alone_reach_the_cap(tmp_path: Path) -> None:
+    """Through the real local API: empty requests, each with a new key, until the cap says 503."""
+    cap = 1 << 20
+    data = tmp_path / "data"
+    (tmp_path / "token").write_text("t0ken-for-the-footprint-test\n")
+    port = free_port()
+    extra = f'token_file = "{tmp_path / "token"}"\n[buffer]\nmax_bytes = {cap}\n'
+    agent = AgentProcess(write_config(tmp_path / "agent.toml", data, None, extra, api_port=port), tmp_path / "a.log")
+    agent.start()
+    headers = {"Authorization": "Bearer t0ken-for-the-footprint-test", "Content-Type": "application/json"}
+    try:
+        assert agent.wait_log("running:"), agent.log_text()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        statuses: list[int] = []
+        for i in range(20_000):
+            conn.request("POST", "/v1/events", b"[]", {**headers, "Idempotency-Key": f"{i:06d}-" + "k" * 240})
+            response = conn.getresponse()
+            body = response.read()
+            statuses.append(response.status)
+            if response.status != 200:
+                break
+        assert statuses[-1] == 503 and b"buffer_full" in body, (statuses[-3:], body)
+        assert len(statuses) > 500  # keys were stored until the cap, not refused from the start
+        assert data_dir_bytes(data) <= cap
+        conn.close()
+    finally:
+        agent.stop()
+    assert data_dir_bytes(data) <= cap
