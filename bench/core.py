@@ -422,6 +422,7 @@ def bench_backlog(args: argparse.Namespace) -> None:
             wall = report["last"] - t0
             wait_for(lambda: api_get(api_port, "/v1/status")["buffer"]["events"] == 0, 60)
             drain_cpu = tree_cpu_seconds(agent.pid) - cpu0
+            left = api_get(api_port, "/v1/status")["buffer"]["events"]
             time.sleep(2)  # the writer's last groups, and the truncation on drain
             after_dir, after_wal = data_dir_bytes(data), wal_bytes(data)
             peak = memory_mb(agent.pid)
@@ -442,7 +443,7 @@ def bench_backlog(args: argparse.Namespace) -> None:
               f"WAL {before_wal / mb:.1f} MB")
         print(f"  drain: {report['distinct'] / wall:,.0f} events/s ({wall:.1f} s, broker start to last event), "
               f"agent CPU {drain_cpu / n * 1e6:.2f} us/event; received {report['distinct']:,} distinct, "
-              f"{report['duplicates']} duplicates; during: WAL max {drain_wal_max / mb:.1f} MB, data_dir max "
+              f"{report['duplicates']} duplicates, {left} left in the buffer; during: WAL max {drain_wal_max / mb:.1f} MB, data_dir max "
               f"{drain_dir_max / mb:.1f} MB")
         print(f"  after the drain: WAL {after_wal / mb:.2f} MB, data_dir {after_dir / mb:.1f} MB; "
               f"agent peak RSS over the whole run {peak:.1f} MB (VmHWM; sampled max {sampler.rss_max:.1f} MB)")
