@@ -295,3 +295,30 @@ def test_agent_answers_503_when_idempotency_keys_alone_reach_the_cap(tmp_path: P
     finally:
         agent.stop()
     assert data_dir_bytes(data) <= cap
+
+
+def test_the_uplink_sends_nothing_before_the_file_is_checked(tmp_path: Path, broker) -> None:
+    from agent.config import parse
+    from agent.uplink import Uplink
+    from tests.support.subscriber import Collector
+
+    cfg = parse(
+        f'[agent]\ntenant = "acme"\nstore = "s1"\nid = "a1"\ndata_dir = "{tmp_path}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\ntls = false\nbackoff_max_s = 0.5\n'.encode(),
+        "test.toml",
+    )
+    ob = Outbox(cfg.buffer_path, tenant="acme", store="s1", agent="a1").open().start()
+    ob.commit_sync(events(5))
+    ob.checked.clear()  # as if the check had not passed yet
+    collector = Collector(broker.port, "retail/#").start()
+    uplink = Uplink(cfg, ob).start()
+    try:
+        assert not collector.wait_for(lambda c: len(c.messages) > 0, 1.0)  # not even the online state
+        assert uplink.alive and not uplink.status.connected and ob.count == 5
+        ob.checked.set()
+        assert collector.wait_for(lambda c: len(c.events) == 5, 20)
+        assert wait_until(lambda: ob.count == 0, 10)
+    finally:
+        uplink.stop(1.0)
+        collector.stop()
+        ob.close()
