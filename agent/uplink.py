@@ -255,6 +255,9 @@ class Uplink:
             log.warning("no [mqtt] host configured: buffering only, nothing is sent")
             self._stop.wait()
             return
+        while not self.outbox.checked.wait(0.2):  # never send from a file not yet known sound
+            if self._stop.is_set():
+                return
         schedule = ReconnectSchedule(cap=self.cfg.mqtt.backoff_max_s)
         while not self._stop.is_set():
             try:

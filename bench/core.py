@@ -5,6 +5,10 @@
     .venv/bin/python bench/core.py latency [--rate 1000 --seconds 20]   commit -> subscriber, online
     .venv/bin/python bench/core.py idle   [--seconds 30]        idle RSS and CPU of the agent
     .venv/bin/python bench/core.py size   [--events 100000]     bytes of buffer per small event
+    .venv/bin/python bench/core.py backlog [--events 1000000] [--fill api|direct]
+                                  an offline backlog, then the broker back: RSS, drain, WAL, disk
+    .venv/bin/python bench/core.py startup [--events 5000000] [--data DIR]
+                                  process start -> READY=1 / API answering, out of cache (root)
     .venv/bin/python bench/core.py all
 
 Each prints wall figures and the agent's CPU time per event (user + system of its process, from
@@ -19,6 +23,7 @@ import argparse
 import http.client
 import multiprocessing as mp
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,9 +36,12 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.buffer import Outbox  # noqa: E402
+from agent.buffer.footprint import data_dir_bytes  # noqa: E402
 from agent.config import load as load_config  # noqa: E402
 from agent.core.envelope import Event  # noqa: E402
+from bench.local_api import client as api_client  # noqa: E402
 from bench.local_api import cpu_seconds, memory_mb, subscriber  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,22 +54,98 @@ def small_events(n: int, start: int = 0) -> list[Event]:
             for i in range(n)]
 
 
-def write_config(work: Path, broker_port: int | None, api_port: int) -> Path:
+def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Path | None = None,
+                 max_bytes: int = 1 << 30, log_level: str = "warning") -> Path:
     (work / "token").write_text(TOKEN + "\n")
     mqtt = f'host = "127.0.0.1"\nport = {broker_port}\ntls = false\n' if broker_port else ""
     config = work / "agent.toml"
     config.write_text(
-        f'[agent]\ntenant = "bench"\nstore = "s1"\nid = "a1"\ndata_dir = "{work / "data"}"\n'
+        f'[agent]\ntenant = "bench"\nstore = "s1"\nid = "a1"\ndata_dir = "{data or work / "data"}"\n'
         f"[mqtt]\n{mqtt}"
         f'[local_api]\nlisten = "127.0.0.1:{api_port}"\ntoken_file = "{work / "token"}"\n'
-        '[log]\nlevel = "warning"\n'
+        f'[buffer]\nmax_bytes = {max_bytes}\n'
+        f'[log]\nlevel = "{log_level}"\n'
     )
     return config
 
 
-def start_agent(config: Path, work: Path) -> subprocess.Popen[bytes]:
+def start_agent(config: Path, work: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = open(work / "agent.log", "ab")
-    return subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=log, stderr=log)
+    return subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=log, stderr=log,
+                            env={**os.environ, **(env or {})})
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            continue
+        todo += children.get(p, [])
+    return total
+
+
+class Sampler:
+    """Samples the agent's RSS and the data_dir's WAL and total size every `every` seconds."""
+
+    def __init__(self, pid: int, data: Path, every: float = 0.2) -> None:
+        self.pid, self.data, self.every = pid, data, every
+        self.wal_max = self.dir_max = 0
+        self.rss_max = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        wal = self.data / "buffer.db-wal"
+        while not self._stop.is_set():
+            try:
+                self.wal_max = max(self.wal_max, wal.stat().st_size if wal.exists() else 0)
+                self.dir_max = max(self.dir_max, data_dir_bytes(self.data))
+                self.rss_max = max(self.rss_max, memory_mb(self.pid, "VmRSS"))
+            except OSError:
+                pass
+            self._stop.wait(self.every)
+
+    def reset(self) -> None:
+        self.wal_max = self.dir_max = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wal_bytes(data: Path) -> int:
+    wal = data / "buffer.db-wal"
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root only), so the buffer file is read from disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def prefill_direct(data: Path, n: int, max_bytes: int = 1 << 30) -> None:
+    outbox = Outbox(data / "buffer.db", tenant="bench", store="s1", agent="a1", max_bytes=max_bytes).start()
+    for i in range(0, n, 500):
+        outbox.commit_sync(small_events(min(500, n - i), i))
+    outbox.close()
 
 
 def api_get(port: int, path: str) -> dict:
@@ -69,6 +153,17 @@ def api_get(port: int, path: str) -> dict:
     try:
         conn.request("GET", path)
         return orjson.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def api_post(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("POST", path, b"", {"Authorization": f"Bearer {TOKEN}"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
     finally:
         conn.close()
 
@@ -266,15 +361,166 @@ def bench_size(args: argparse.Namespace) -> None:
                   f"(envelope + row {body:.0f} bytes)")
 
 
+def fill_api(api_port: int, n: int, clients: int = 4) -> float:
+    """Post `n` events through the local API (batches of 500 from `clients` processes); returns the wall time."""
+    ctx = mp.get_context("spawn")
+    ready, start, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    per = n // clients
+    procs = [ctx.Process(target=api_client, args=(api_port, per, 500, w, ready, start, results)) for w in range(clients)]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.acquire()
+    t0 = time.perf_counter()
+    start.set()
+    accepted = sum(results.get(timeout=1800)["accepted"] for _ in procs)
+    wall = time.perf_counter() - t0
+    for proc in procs:
+        proc.join(10)
+    if accepted != per * clients:
+        print(f"  (only {accepted:,} of {per * clients:,} accepted)")
+    return wall
+
+
+def bench_backlog(args: argparse.Namespace) -> None:
+    """An offline backlog (through the local API with the broker down, or prefilled), then the broker back."""
+    with tempfile.TemporaryDirectory(prefix="bench-backlog-") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        broker = Mosquitto(work / "mosquitto")
+        # hold the broker's port while it is down (bound, not listening: connections are refused),
+        # so nothing else takes it during a long fill
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", broker.port))
+        n = args.events // 4 * 4 if args.fill == "api" else args.events
+        if args.fill == "direct":
+            prefill_direct(data, n, args.max_bytes)
+        api_port = free_port()
+        agent = start_agent(write_config(work, broker.port, api_port, max_bytes=args.max_bytes), work)
+        sampler = Sampler(agent.pid, data)
+        try:
+            wait_for(lambda: api_get(api_port, "/healthz") is not None, 120)
+            fill_cpu = tree_cpu_seconds(agent.pid)
+            fill_wall = 0.0
+            if args.fill == "api":
+                fill_wall = fill_api(api_port, n)
+                fill_cpu = tree_cpu_seconds(agent.pid) - fill_cpu
+            wait_for(lambda: api_get(api_port, "/v1/status")["buffer"]["events"] >= n, 10)
+            n = api_get(api_port, "/v1/status")["buffer"]["events"]  # fewer if the cap refused some
+            before_dir, before_wal, fill_wal_max = data_dir_bytes(data), wal_bytes(data), sampler.wal_max
+            fill_dir_max = sampler.dir_max
+            sampler.reset()
+            ctx = mp.get_context("spawn")
+            expected, ready, result = ctx.Value("q", n), ctx.Event(), ctx.Queue()
+            holder.close()
+            broker.start()
+            sub = ctx.Process(target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, result))
+            sub.start()
+            ready.wait(10)
+            cpu0, t0 = tree_cpu_seconds(agent.pid), time.time()
+            api_post(api_port, "/v1/drain")  # try the broker now, not after the rest of the backoff
+            report = result.get(timeout=1800)
+            wall = report["last"] - t0
+            wait_for(lambda: api_get(api_port, "/v1/status")["buffer"]["events"] == 0, 60)
+            drain_cpu = tree_cpu_seconds(agent.pid) - cpu0
+            left = api_get(api_port, "/v1/status")["buffer"]["events"]
+            time.sleep(2)  # the writer's last groups, and the truncation on drain
+            after_dir, after_wal = data_dir_bytes(data), wal_bytes(data)
+            peak = memory_mb(agent.pid)
+            drain_wal_max, drain_dir_max = sampler.wal_max, sampler.dir_max
+        finally:
+            sampler.stop()
+            stop(agent)
+            sub_proc = locals().get("sub")
+            if sub_proc is not None:
+                sub_proc.join(5)
+            broker.stop()
+        mb = 1e6
+        fill = (f"{n / fill_wall:,.0f} events/s through the local API, agent CPU {fill_cpu / n * 1e6:.2f} us/event"
+                if args.fill == "api" else "prefilled")
+        print(f"backlog {n:,} ({args.fill}, max_bytes {args.max_bytes:,}): fill {fill}; WAL max {fill_wal_max / mb:.1f} MB, data_dir max "
+              f"{fill_dir_max / mb:.1f} MB during the fill")
+        print(f"  before the drain: data_dir {before_dir / mb:.1f} MB ({before_dir / n:.0f} B on disk per event), "
+              f"WAL {before_wal / mb:.1f} MB")
+        print(f"  drain: {report['distinct'] / wall:,.0f} events/s ({wall:.1f} s, broker start to last event), "
+              f"agent CPU {drain_cpu / n * 1e6:.2f} us/event; received {report['distinct']:,} distinct, "
+              f"{report['duplicates']} duplicates, {left} left in the buffer; during: WAL max {drain_wal_max / mb:.1f} MB, data_dir max "
+              f"{drain_dir_max / mb:.1f} MB")
+        print(f"  after the drain: WAL {after_wal / mb:.2f} MB, data_dir {after_dir / mb:.1f} MB; "
+              f"agent peak RSS over the whole run {peak:.1f} MB (VmHWM; sampled max {sampler.rss_max:.1f} MB)")
+
+
+def ready_listener(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return sock
+
+
+def time_startup(config: Path, work: Path, api_port: int, cold: bool) -> tuple[float, float, bool]:
+    """(s to READY=1, s to the API answering, whether the full check ran) for one start."""
+    dropped = drop_caches() if cold else False
+    notify = work / "notify.sock"
+    notify.unlink(missing_ok=True)
+    sock = ready_listener(notify)
+    log_before = (work / "agent.log").stat().st_size if (work / "agent.log").exists() else 0
+    t0 = time.monotonic()
+    agent = start_agent(config, work, {"NOTIFY_SOCKET": str(notify)})
+    ready_s = api_s = float("nan")
+    try:
+        sock.settimeout(120)
+        while True:
+            if b"READY=1" in sock.recv(4096):
+                ready_s = time.monotonic() - t0
+                break
+        wait_for(lambda: api_get(api_port, "/healthz") is not None, 60, interval=0.005)
+        api_s = time.monotonic() - t0
+    finally:
+        sock.close()
+        stop(agent)
+    with open(work / "agent.log", "rb") as fh:
+        fh.seek(log_before)
+        checked = b"quick_check" in fh.read()
+    if cold and not dropped:
+        print("  (not root: caches not dropped, the file was read from memory)")
+    return ready_s, api_s, checked
+
+
+def bench_startup(args: argparse.Namespace) -> None:
+    """Start-up with a big buffer: after a clean stop (no full check) and after kill -9 (full check)."""
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        work = Path(tmp)
+        data = Path(args.data) if args.data else work / "data"
+        if not (data / "buffer.db").exists():
+            prefill_direct(data, args.events, args.max_bytes)
+        size = data_dir_bytes(data)
+        api_port = free_port()
+        config = write_config(work, None, api_port, data=data, max_bytes=args.max_bytes, log_level="info")
+        clean = time_startup(config, work, api_port, cold=True)
+        # an unclean stop: kill -9 of a running agent, then a start out of cache
+        agent = start_agent(config, work)
+        wait_for(lambda: api_get(api_port, "/healthz") is not None, 120)
+        agent.kill()
+        agent.wait()
+        unclean = time_startup(config, work, api_port, cold=True)
+        for label, (ready_s, api_s, checked) in (("after a clean stop", clean), ("after kill -9", unclean)):
+            print(f"startup: buffer of {args.events:,} events ({size / 1e6:.0f} MB), out of cache, {label}: "
+                  f"READY=1 after {ready_s:.2f} s, API answering after {api_s:.2f} s; "
+                  f"full quick_check {'ran' if checked else 'skipped'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["ingest", "drain", "latency", "idle", "size", "all"])
+    parser.add_argument("what", choices=["ingest", "drain", "latency", "idle", "size", "backlog", "startup", "all"])
     parser.add_argument("--events", type=int, default=None)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--fill", choices=["api", "direct"], default="api", help="backlog: how it is made")
+    parser.add_argument("--max-bytes", type=int, default=1 << 30, help="backlog, startup: [buffer] max_bytes")
+    parser.add_argument("--data", help="startup: a data_dir to reuse (filled on the first run)")
     args = parser.parse_args()
-    defaults = {"ingest": 500_000, "drain": 1_000_000, "size": 100_000}
+    print_machine()
+    defaults = {"ingest": 500_000, "drain": 1_000_000, "size": 100_000, "backlog": 1_000_000, "startup": 5_000_000}
     todo = ["ingest", "size", "idle", "latency", "drain"] if args.what == "all" else [args.what]
     events = args.events
     for what in todo:

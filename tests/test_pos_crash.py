@@ -35,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.buffer import Outbox
 from agent.buffer.codec import pack
+from agent.buffer.footprint import wal_bound
 from agent.core.envelope import Event
 from agent.protocols.stxetx import ACK, NAK, encode_frame
 from tests.support.agentproc import AgentProcess, status_json, toml_keys, toml_table
@@ -393,19 +394,22 @@ TRAFFIC = 120
 def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cleanup) -> None:
     broker, collector = upstream
     broker.kill()  # offline from the start: the buffer fills
-    cap = 64 * 1024
     pty = Pty()
     cleanup.append(pty.close)
-    config = write_config(tmp_path, broker.port, pty.path, buffer={"max_bytes": cap})
     # random text in each event: the cap counts stored (compressed) bytes, and these must not shrink
     traffic = [Event("traffic.summary", {"zone": "door", "present": i, "entered": 1, "left": 0,
                                          "noise": base64.b64encode(os.urandom(230)).decode()}, "ble")
                for i in range(TRAFFIC)]
-    outbox = Outbox(buffer_path(tmp_path), tenant=TENANT, store=STORE, agent=AGENT_ID, max_bytes=cap).start()
+    outbox = Outbox(buffer_path(tmp_path), tenant=TENANT, store=STORE, agent=AGENT_ID).start()
     for i in range(0, TRAFFIC, 10):  # a dozen rows, so the cap can drop the oldest few
         outbox.commit_sync(traffic[i : i + 10])
     traffic_bytes = outbox.bytes
+    # the whole data_dir counts toward the cap: leave the events 64 KiB beside the schema, the
+    # side files, the pages' slack (measured) and the WAL's reserve
+    cap = 64 * 1024 + outbox.footprint.overhead
+    cap += 2 * wal_bound(cap)
     outbox.close()
+    config = write_config(tmp_path, broker.port, pty.path, buffer={"max_bytes": cap})
     big = [orjson.dumps(noisy(sale(n, pad=230))) for n in (1, 2, 3)]
     # the sizes this scenario needs (as stored): one big sale fits, the second drops some traffic,
     # the third cannot be made room for (what traffic is left is smaller than it)

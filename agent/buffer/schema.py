@@ -1,9 +1,22 @@
-"""The buffer file's schema: numbered migrations, the connection settings, the health check."""
+"""The buffer file's schema: numbered migrations, the connection settings, the health check.
+
+The full `quick_check` reads every page: 3.8-4.0 s for a 5M-event buffer out of cache. It runs
+only when the file was not closed cleanly: `Outbox.close()` checkpoints the WAL into the file and
+then writes `buffer.db.clean` with the file's identity (inode, size, mtime); `open()` removes the
+marker (durably, before anything is written) and skips the check only if the file is still the
+one the marker describes and no WAL is left. A crash, a kill -9, a power cut, or any change to
+the file while the agent was stopped therefore means a full check before the file is used.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Bytes a row costs beyond its body (rowid, stream, record header, b-tree cell): used by the cap.
 ROW_OVERHEAD = 24
@@ -64,11 +77,80 @@ def migrate(conn: sqlite3.Connection) -> None:
         conn.executescript(f"BEGIN IMMEDIATE;{script};PRAGMA user_version={number};COMMIT;")
 
 
+def clean_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".clean")
+
+
+def _identity(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record_clean_stop(path: Path) -> None:
+    """After the last write and a truncating checkpoint: say the file was closed whole (fsync'd)."""
+    marker = clean_marker(path)
+    tmp = marker.with_name(marker.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(_identity(path) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, marker)
+    _fsync_dir(path.parent)
+
+
+def record_clean_totals(conn: sqlite3.Connection, totals: tuple[int, int, int]) -> bool:
+    """At a clean close: the writer's (events, bytes, low-priority bytes), so a clean start need not
+    scan every row for them (0.7 s for 5M events out of cache). Trusted only with the marker."""
+    try:
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('clean_totals', ?)",
+                     (" ".join(str(int(t)) for t in totals),))
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def read_clean_totals(conn: sqlite3.Connection) -> tuple[int, int, int] | None:
+    """The totals `record_clean_totals` left, or None."""
+    row = conn.execute("SELECT value FROM meta WHERE key='clean_totals'").fetchone()
+    try:
+        count, total, low = (int(v) for v in str(row[0]).split())
+    except (TypeError, ValueError):
+        return None
+    return count, total, low
+
+
+def take_clean_stop(path: Path) -> bool:
+    """True if the file was closed cleanly and not touched since; the marker is gone either way."""
+    marker = clean_marker(path)
+    try:
+        recorded = marker.read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return False
+    marker.unlink()
+    _fsync_dir(path.parent)  # a crash from here on must not find the marker again
+    wal = path.with_name(path.name + "-wal")
+    try:
+        return recorded == _identity(path) and (not wal.exists() or wal.stat().st_size == 0)
+    except FileNotFoundError:
+        return False
+
+
 def check_file(path: Path) -> None:
     """Raise BufferCorrupt unless SQLite's quick_check passes on the file."""
+    started = time.monotonic()
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         result = conn.execute("PRAGMA quick_check").fetchall()
+        log.info("buffer %s: quick_check %s in %.2f s", path.name, result[0][0] if result else "?",
+                 time.monotonic() - started)
         if result != [("ok",)]:
             raise BufferCorrupt("; ".join(str(r[0]) for r in result[:3]))
     except sqlite3.DatabaseError as exc:
