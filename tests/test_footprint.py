@@ -24,7 +24,9 @@ from tests.support.mosquitto import free_port
 
 
 def events(n: int, start: int = 0, pad: int = 200) -> list[Event]:
-    return [Event("app.checkin", {"i": start + i, "pad": "x" * pad}, "tablet") for i in range(n)]
+    """Events with `pad` characters of random hex: bodies are stored compressed, and these must
+    not shrink to nothing (the WAL, the pages and the cap are what these tests are about)."""
+    return [Event("app.checkin", {"i": start + i, "pad": os.urandom(pad // 2).hex()}, "tablet") for i in range(n)]
 
 
 def drain(outbox: Outbox, step: int = 50) -> None:
@@ -154,13 +156,19 @@ def test_data_dir_stays_within_max_bytes_through_fill_and_drain(tmp_path: Path) 
 
 def test_ordinary_deletes_leave_big_bodies_in_free_pages_erasure_overwrites_them(tmp_path: Path) -> None:
     """What remains on disk after a PUBACK (README): FAST zeroes rows inside b-tree pages but a
-    chunk's overflow pages keep their bytes until reused; `overwriting_deletes` leaves nothing."""
-    secret = b"SECRET-7f3a9c"
+    chunk's overflow pages keep their bytes until reused; `overwriting_deletes` leaves nothing.
+
+    Bodies are stored compressed, so what is looked for on disk is a piece of the stored body
+    (from its middle: an overflow page), not the events' text; the random text keeps the chunk
+    big enough to need overflow pages once compressed."""
 
     def stored_after_delete(erase: bool) -> bool:
         path = tmp_path / f"{erase}.db"
         ob = Outbox(path).open().start()
-        ob.commit_sync([Event("app.note", {"n": i, "who": secret.decode()}, "x") for i in range(100)])
+        ob.commit_sync([Event("app.note", {"n": i, "who": os.urandom(100).hex()}, "x") for i in range(100)])
+        (stored,) = ob.read_conn().execute("SELECT body FROM chunks").fetchone()
+        assert len(stored) > 2 * 4096  # its middle is in an overflow page
+        secret = bytes(stored[len(stored) // 2 : len(stored) // 2 + 64])
         chunks = read_chunks(ob.read_conn(), 0, 100)
         if erase:
 
@@ -212,7 +220,7 @@ def test_a_clean_close_skips_the_full_check_and_an_unclean_one_does_not(tmp_path
     again = Outbox(path).open()
     assert not again.checked_fully and again.checked.is_set() and again.count == 10
     # the totals recorded at the clean close are those a full count finds
-    assert again.bytes == sum(len(c.body) + ROW_OVERHEAD for c in read_chunks(again.read_conn(), 0, 100)) > 0
+    assert again.bytes == sum(c.stored + ROW_OVERHEAD for c in read_chunks(again.read_conn(), 0, 100)) > 0
     # the marker is gone while the file is open: a crash now means a full check next time
     crashed = Outbox(path).open()
     assert crashed.checked_fully and crashed.count == 10
