@@ -409,12 +409,15 @@ def test_full_disk_at_the_seq_lease_answers_disk_full_and_recovers(small_fs):
 
 def test_full_disk_in_a_commit_rolls_back_drops_and_recovers(small_fs):
     """SQLITE_FULL in a group that evicted traffic: DiskFull, the traffic is back, no drop is counted."""
-    ob = Outbox(small_fs / "buffer.db", max_bytes=256 * 1024).start()
+    ob = Outbox(small_fs / "buffer.db", max_bytes=1 << 20).start()
     for i in range(60):
         ob.commit_sync([Event("traffic.summary", {"i": i, "pad": pad(4000)}, "ble")])
     traffic = ob.count
     assert ob.events_dropped == {}
-    ob.max_bytes = ob.bytes + 1024  # the cap is reached: what comes next needs evictions
+    # the cap is reached: what comes next needs evictions. It is max_bytes less the WAL's reserve
+    # and what the pages and side files take beyond the rows (agent/buffer/footprint.py)
+    ob.max_bytes -= ob.footprint.cap - (ob.bytes + 1024)
+    assert ob.footprint.cap == ob.bytes + 1024
     filler = fill(small_fs)
     big = [Event("pos.sale", {"txn_id": "R1-9", "pad": pad(200_000)}, "pos:1")]
     try:

@@ -220,7 +220,6 @@ class Outbox:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
-        self.max_bytes = max_bytes
         self.chunk_events = max(1, chunk_events)
         self._clock = clock
         self._encoder = EnvelopeEncoder(tenant, store, agent)
@@ -254,6 +253,16 @@ class Outbox:
         # set once the file is known sound (checked, or closed cleanly): nothing is sent before
         self.checked = threading.Event()
         self.checked_fully = False  # whether open() ran the full quick_check (after an unclean stop)
+
+    @property
+    def max_bytes(self) -> int:
+        """The cap on the whole data_dir, `[buffer] max_bytes`: the footprint's, its one copy."""
+        return self.footprint.max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        # the admission check reads `footprint.cap`: a copy kept here would be set and never read
+        self.footprint.max_bytes = value
 
     @classmethod
     def from_config(cls, cfg: AgentConfig, **overrides: Any) -> Outbox:
