@@ -228,6 +228,23 @@ def test_a_clean_close_skips_the_full_check_and_an_unclean_one_does_not(tmp_path
     again.close()
 
 
+def test_a_clean_close_at_the_cap_still_skips_the_full_check(tmp_path: Path) -> None:
+    """A refusal at the cap is no failed write: the file is sound, and a buffer at its cap (a long
+    outage, the biggest file) is where the full check costs the most."""
+    path = tmp_path / "buffer.db"
+    ob = Outbox(path, max_bytes=1 << 20).open().start()
+    with pytest.raises(BufferFull):
+        for i in range(0, 100_000, 100):
+            ob.commit_sync([Event("pos.sale", e.data, "pos:1") for e in events(100, i, pad=400)])
+    assert ob.failure is not None  # still refusing when it is stopped
+    ob.close()
+    again = Outbox(path, max_bytes=1 << 20).open()
+    try:
+        assert not again.checked_fully and again.count == ob.count
+    finally:
+        again.close()
+
+
 def test_a_file_changed_after_a_clean_stop_is_checked_and_quarantined(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
     ob = Outbox(path).open().start()

@@ -101,6 +101,8 @@ GROUP_MAX_ITEMS = 4096
 # How long `close()` waits for the writer to finish what is queued (within systemd's 20 s stop budget).
 CLOSE_TIMEOUT_S = 5.0
 SQLITE_FULL = 13
+# `failure` while the cap refuses commits: nothing failed to be written, the file stays sound
+CAP_REACHED = "buffer full: the disk cap is reached"
 
 
 @dataclass(slots=True)
@@ -519,7 +521,8 @@ class Outbox:
                     log.exception("buffer writer: group failed unexpectedly")
                     self._fail(items, unavailable(exc))
         finally:
-            self._close_file(conn, clean=stopping and self.failure is None)
+            # a refusal at the cap wrote nothing: only a failed write keeps the next start's full check
+            self._close_file(conn, clean=stopping and self.failure in (None, CAP_REACHED))
 
     def _run_group(self, conn: sqlite3.Connection, items: list[Any], final: bool = False) -> None:
         if self._retry_acks:
@@ -614,7 +617,7 @@ class Outbox:
         else:
             self._dropped_pending.update(group.dropped)
         if group.refused:
-            self.failure = "buffer full: the disk cap is reached"
+            self.failure = CAP_REACHED
         elif group.added:
             self.failure = None
         for done, outcome in group.settled:
@@ -717,7 +720,7 @@ class Outbox:
         if over > 0 and not (rows and all(r.chunk.stream == "system" for r in rows)):
             if not self._make_room(conn, group, over):
                 group.refused = True
-                return BufferFull("buffer full: the disk cap is reached")
+                return BufferFull(CAP_REACHED)
         seq = group.next_seq + sum(r.chunk.n for r in rows)
         if seq > self._lease:
             self._write_lease(seq + SEQ_LEASE_BLOCK)  # an OSError fails the whole group
