@@ -42,10 +42,9 @@ from agent.core.envelope import Event  # noqa: E402
 from bench.local_api import client as api_client  # noqa: E402
 from bench.local_api import cpu_seconds, memory_mb, subscriber  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
+from tests.support.agentproc import STORE_AGENT  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / ".venv" / "bin" / "store-agent"
 TOKEN = "bench-token-0123456789"
 
 
@@ -71,7 +70,7 @@ def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Pa
 
 def start_agent(config: Path, work: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = open(work / "agent.log", "ab")
-    return subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=log, stderr=log,
+    return subprocess.Popen([STORE_AGENT, "run", "--config", str(config)], stdout=log, stderr=log,
                             env={**os.environ, **(env or {})})
 
 

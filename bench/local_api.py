@@ -34,10 +34,10 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import print_machine  # noqa: E402
+from tests.support.agentproc import STORE_AGENT  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / ".venv" / "bin" / "store-agent"
 TOKEN = "bench-token-0123456789"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -237,7 +237,7 @@ def main() -> None:
         if not ready.wait(10):
             raise RuntimeError("subscriber did not subscribe")
         agent_log = open(work / "agent.log", "wb")
-        agent = subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=agent_log, stderr=agent_log)
+        agent = subprocess.Popen([STORE_AGENT, "run", "--config", str(config)], stdout=agent_log, stderr=agent_log)
         try:
             wait_healthy(api_port)
             rss_idle = memory_mb(agent.pid, "VmRSS")

@@ -33,10 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.local_api import memory_mb  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
+from tests.support.agentproc import STORE_AGENT  # noqa: E402
 from tests.support.mosquitto import free_port  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / ".venv" / "bin" / "store-agent"
 TOKEN = "bench-token-0123456789"
 
 
@@ -90,7 +89,7 @@ def main() -> None:
             '[log]\nlevel = "error"\n'
         )
         log = open(work / "agent.log", "wb")
-        agent = subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=log, stderr=log)
+        agent = subprocess.Popen([STORE_AGENT, "run", "--config", str(config)], stdout=log, stderr=log)
         auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
         try:
             wait_healthy(url)
