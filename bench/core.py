@@ -42,10 +42,10 @@ from agent.core.envelope import Event  # noqa: E402
 from bench.local_api import client as api_client  # noqa: E402
 from bench.local_api import cpu_seconds, memory_mb, subscriber  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
+from tests.support.agentproc import STORE_AGENT  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
+from tests.support.wait import wait_until  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / ".venv" / "bin" / "store-agent"
 TOKEN = "bench-token-0123456789"
 
 
@@ -71,7 +71,7 @@ def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Pa
 
 def start_agent(config: Path, work: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = open(work / "agent.log", "ab")
-    return subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=log, stderr=log,
+    return subprocess.Popen([STORE_AGENT, "run", "--config", str(config)], stdout=log, stderr=log,
                             env={**os.environ, **(env or {})})
 
 
@@ -169,15 +169,15 @@ def api_post(port: int, path: str) -> int:
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """`wait_until`, where an agent that does not answer yet (or answers without the field) counts as not yet."""
+
+    def answered() -> bool:
         try:
-            if predicate():
-                return True
+            return bool(predicate())
         except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(interval)
-    return False
+            return False
+
+    return wait_until(answered, timeout, interval)
 
 
 def stop(agent: subprocess.Popen[bytes]) -> None:

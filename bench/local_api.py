@@ -34,10 +34,11 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import print_machine  # noqa: E402
+from tests.support.agentproc import STORE_AGENT  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
+from tests.support.wait import wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / ".venv" / "bin" / "store-agent"
 TOKEN = "bench-token-0123456789"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -192,19 +193,18 @@ def client(port: int, n_events: int, batch: int, worker: int, ready: Any, start:
 
 
 def wait_healthy(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             conn.request("GET", "/healthz")
             body = orjson.loads(conn.getresponse().read())
             conn.close()
-            if body.get("ok") and body["mqtt"]["connected"]:
-                return
+            return bool(body.get("ok") and body["mqtt"]["connected"])
         except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("the agent did not become healthy and connected")
+            return False
+
+    if not wait_until(healthy, timeout, interval=0.05):
+        raise RuntimeError("the agent did not become healthy and connected")
 
 
 def main() -> None:
@@ -237,7 +237,7 @@ def main() -> None:
         if not ready.wait(10):
             raise RuntimeError("subscriber did not subscribe")
         agent_log = open(work / "agent.log", "wb")
-        agent = subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=agent_log, stderr=agent_log)
+        agent = subprocess.Popen([STORE_AGENT, "run", "--config", str(config)], stdout=agent_log, stderr=agent_log)
         try:
             wait_healthy(api_port)
             rss_idle = memory_mb(agent.pid, "VmRSS")

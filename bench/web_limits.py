@@ -33,23 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.local_api import memory_mb  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
+from tests.support.agentproc import STORE_AGENT  # noqa: E402
 from tests.support.mosquitto import free_port  # noqa: E402
+from tests.support.wait import wait_until  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-AGENT = ROOT / ".venv" / "bin" / "store-agent"
 TOKEN = "bench-token-0123456789"
 
 
 def wait_healthy(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("the agent did not answer /healthz")
+            return False
+
+    if not wait_until(answers, timeout, interval=0.05):
+        raise RuntimeError("the agent did not answer /healthz")
 
 
 def endless_headers(port: int, limit: int = 600 * 1024 * 1024) -> int:
@@ -90,7 +89,7 @@ def main() -> None:
             '[log]\nlevel = "error"\n'
         )
         log = open(work / "agent.log", "wb")
-        agent = subprocess.Popen([str(AGENT), "run", "--config", str(config)], stdout=log, stderr=log)
+        agent = subprocess.Popen([STORE_AGENT, "run", "--config", str(config)], stdout=log, stderr=log)
         auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
         try:
             wait_healthy(url)

@@ -19,8 +19,10 @@ from agent.buffer.footprint import data_dir_bytes, overwriting_deletes, truncate
 from agent.buffer.idempotency import NAMESPACE, stored_result
 from agent.core.envelope import Event
 from agent.sink import BufferFull, Dedup
-from tests.support.agentproc import AgentProcess, prefill, wait_until, write_config
+from tests.support.agentproc import AgentProcess, write_config
+from tests.support.buffer import open_outbox, prefill
 from tests.support.mosquitto import free_port
+from tests.support.wait import wait_until
 
 
 def events(n: int, start: int = 0, pad: int = 200) -> list[Event]:
@@ -36,21 +38,17 @@ def drain(outbox: Outbox, step: int = 50) -> None:
 
 
 def test_writer_connection_runs_fast_secure_delete_and_a_wal_size_limit(tmp_path: Path) -> None:
-    ob = Outbox(tmp_path / "buffer.db", max_bytes=1 << 30).open().start()
-    try:
+    with open_outbox(tmp_path / "buffer.db", max_bytes=1 << 30) as ob:
         pragmas = ob.call(
             lambda conn: [
                 conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("secure_delete", "journal_size_limit")
             ]
         )
         assert pragmas == [2, 16 << 20] and wal_bound(1 << 30) == 16 << 20  # 2: FAST
-    finally:
-        ob.close()
 
 
 def test_wal_is_truncated_when_the_buffer_drains(tmp_path: Path) -> None:
-    ob = Outbox(tmp_path / "buffer.db").open().start()
-    try:
+    with open_outbox(tmp_path / "buffer.db") as ob:
         for i in range(0, 20_000, 500):
             ob.commit_sync(events(500, i))
         assert wal_path(ob.path).stat().st_size > 1 << 20
@@ -58,54 +56,49 @@ def test_wal_is_truncated_when_the_buffer_drains(tmp_path: Path) -> None:
         assert ob.count == 0
         assert wal_path(ob.path).stat().st_size == 0
         assert ob.footprint.truncations >= 1
-    finally:
-        ob.close()
 
 
 def test_wal_stays_within_its_bound_while_readers_keep_it_busy(tmp_path: Path) -> None:
     """Readers nearly always inside a transaction (as the uplink is during a drain) keep SQLite
     from restarting the WAL; it grew without end (695 MB at 5M) until the writer truncated it."""
     cap = 8 << 20
-    ob = Outbox(tmp_path / "buffer.db", max_bytes=cap).open().start()
-    stop = threading.Event()
+    with open_outbox(tmp_path / "buffer.db", max_bytes=cap) as ob:
+        stop = threading.Event()
 
-    def reader() -> None:
-        conn = sqlite3.connect(ob.path, isolation_level=None)
-        while not stop.is_set():
-            conn.execute("BEGIN")
-            conn.execute("SELECT count(*) FROM chunks").fetchone()
-            stop.wait(0.002)
-            conn.execute("COMMIT")
-            time.sleep(0.001)
-        conn.close()
+        def reader() -> None:
+            conn = sqlite3.connect(ob.path, isolation_level=None)
+            while not stop.is_set():
+                conn.execute("BEGIN")
+                conn.execute("SELECT count(*) FROM chunks").fetchone()
+                stop.wait(0.002)
+                conn.execute("COMMIT")
+                time.sleep(0.001)
+            conn.close()
 
-    thread = threading.Thread(target=reader)
-    thread.start()
-    biggest = 0
-    try:
-        for round_ in range(6):
-            for i in range(0, 5_000, 250):
-                ob.commit_sync(events(250, round_ * 10_000 + i, pad=400))
+        thread = threading.Thread(target=reader)
+        thread.start()
+        biggest = 0
+        try:
+            for round_ in range(6):
+                for i in range(0, 5_000, 250):
+                    ob.commit_sync(events(250, round_ * 10_000 + i, pad=400))
+                    biggest = max(biggest, wal_path(ob.path).stat().st_size)
+                drain(ob, step=5)
                 biggest = max(biggest, wal_path(ob.path).stat().st_size)
-            drain(ob, step=5)
-            biggest = max(biggest, wal_path(ob.path).stat().st_size)
-    finally:
-        stop.set()
-        thread.join()
-        ob.close()
+        finally:
+            stop.set()
+            thread.join()
     assert biggest <= 2 * wal_bound(cap), biggest  # the reserve the cap keeps for it
 
 
 def test_idempotency_keys_alone_fill_the_cap_and_are_refused(tmp_path: Path) -> None:
     """100k keys of empty requests took 37.7 MB outside the cap: each key now counts."""
     cap = 1 << 20
-    ob = Outbox(tmp_path / "data" / "buffer.db", max_bytes=cap).open().start()
-
     def key(i: int) -> Dedup:
         digest = hashlib.sha256(f"{i}".encode()).hexdigest().encode()
         return Dedup(NAMESPACE, f"key-{i:08d}-{'k' * 40}", stored_result(digest))
 
-    try:
+    with open_outbox(tmp_path / "data" / "buffer.db", max_bytes=cap) as ob:
         taken = 0
         with concurrent.futures.ThreadPoolExecutor(32) as pool:  # 32 at a time: group commits
             for start in range(0, 100_000, 32):
@@ -116,8 +109,6 @@ def test_idempotency_keys_alone_fill_the_cap_and_are_refused(tmp_path: Path) -> 
         assert 1000 < taken < 100_000  # keys were taken until the cap, then refused
         assert data_dir_bytes(tmp_path / "data") <= cap
         assert ob.commit_sync([], key(0)).duplicate  # a retry of a stored key needs no room
-    finally:
-        ob.close()
     assert data_dir_bytes(tmp_path / "data") <= cap
 
 
@@ -132,9 +123,8 @@ def _try(ob: Outbox, dedup: Dedup) -> bool:
 def test_data_dir_stays_within_max_bytes_through_fill_and_drain(tmp_path: Path) -> None:
     cap = 4 << 20
     data = tmp_path / "data"
-    ob = Outbox(data / "buffer.db", max_bytes=cap).open().start()
     peak = 0
-    try:
+    with open_outbox(data / "buffer.db", max_bytes=cap) as ob:
         for round_ in range(2):
             taken = 0
             with pytest.raises(BufferFull):
@@ -148,8 +138,6 @@ def test_data_dir_stays_within_max_bytes_through_fill_and_drain(tmp_path: Path) 
                 ob.flush()
                 peak = max(peak, data_dir_bytes(data))
             assert ob.count == 0 and wal_path(ob.path).stat().st_size <= wal_bound(cap)
-    finally:
-        ob.close()
     assert peak <= cap, peak
     assert data_dir_bytes(data) <= cap
 
@@ -164,24 +152,23 @@ def test_ordinary_deletes_leave_big_bodies_in_free_pages_erasure_overwrites_them
 
     def stored_after_delete(erase: bool) -> bool:
         path = tmp_path / f"{erase}.db"
-        ob = Outbox(path).open().start()
-        ob.commit_sync([Event("app.note", {"n": i, "who": os.urandom(100).hex()}, "x") for i in range(100)])
-        (stored,) = ob.read_conn().execute("SELECT body FROM chunks").fetchone()
-        assert len(stored) > 2 * 4096  # its middle is in an overflow page
-        secret = bytes(stored[len(stored) // 2 : len(stored) // 2 + 64])
-        chunks = read_chunks(ob.read_conn(), 0, 100)
-        if erase:
+        with open_outbox(path) as ob:  # its close checkpoints the WAL into the file and truncates it
+            ob.commit_sync([Event("app.note", {"n": i, "who": os.urandom(100).hex()}, "x") for i in range(100)])
+            (stored,) = ob.read_conn().execute("SELECT body FROM chunks").fetchone()
+            assert len(stored) > 2 * 4096  # its middle is in an overflow page
+            secret = bytes(stored[len(stored) // 2 : len(stored) // 2 + 64])
+            chunks = read_chunks(ob.read_conn(), 0, 100)
+            if erase:
 
-            def erase_rows(conn: sqlite3.Connection) -> None:
-                with overwriting_deletes(conn):
-                    conn.executemany("DELETE FROM chunks WHERE seq=?", [(c.seq,) for c in chunks])
+                def erase_rows(conn: sqlite3.Connection) -> None:
+                    with overwriting_deletes(conn):
+                        conn.executemany("DELETE FROM chunks WHERE seq=?", [(c.seq,) for c in chunks])
 
-            ob.call(erase_rows)
-            ob.call(lambda conn: None)
-        else:
-            ob.acked(chunks)
-            ob.flush()
-        ob.close()  # checkpoints the WAL into the file and truncates it
+                ob.call(erase_rows)
+                ob.call(lambda conn: None)
+            else:
+                ob.acked(chunks)
+                ob.flush()
         assert not wal_path(path).exists() or wal_path(path).stat().st_size == 0
         return secret in path.read_bytes()
 
@@ -191,9 +178,8 @@ def test_ordinary_deletes_leave_big_bodies_in_free_pages_erasure_overwrites_them
 
 def test_truncate_wal_gives_up_on_a_reader_that_holds_on(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
-    ob = Outbox(path).open().start()
-    ob.commit_sync(events(10))
-    ob.close()
+    with open_outbox(path) as ob:
+        ob.commit_sync(events(10))
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("PRAGMA journal_mode=WAL")
     writer.execute("DELETE FROM chunks")
@@ -214,9 +200,8 @@ def test_truncate_wal_gives_up_on_a_reader_that_holds_on(tmp_path: Path) -> None
 
 def test_a_clean_close_skips_the_full_check_and_an_unclean_one_does_not(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
-    ob = Outbox(path).open().start()
-    ob.commit_sync(events(10))
-    ob.close()
+    with open_outbox(path) as ob:
+        ob.commit_sync(events(10))
     again = Outbox(path).open()
     assert not again.checked_fully and again.checked.is_set() and again.count == 10
     # the totals recorded at the clean close are those a full count finds
@@ -247,18 +232,14 @@ def test_a_clean_close_at_the_cap_still_skips_the_full_check(tmp_path: Path) -> 
 
 def test_a_file_changed_after_a_clean_stop_is_checked_and_quarantined(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
-    ob = Outbox(path).open().start()
-    ob.commit_sync(events(2000))
-    ob.close()
+    with open_outbox(path) as ob:
+        ob.commit_sync(events(2000))
     with open(path, "r+b") as fh:  # scribble over b-tree pages while the agent is stopped
         fh.seek(4096 * 2)
         fh.write(os.urandom(4096 * 3))
-    ob = Outbox(path).open().start()
-    try:
+    with open_outbox(path) as ob:
         assert ob.checked_fully and ob.quarantined is not None
         assert (tmp_path / ob.quarantined).exists()  # moved aside, never deleted
-    finally:
-        ob.close()
 
 
 def test_agent_runs_the_full_check_after_kill_9_not_after_sigterm(tmp_path: Path) -> None:
@@ -332,18 +313,17 @@ def test_the_uplink_sends_nothing_before_the_file_is_checked(tmp_path: Path, bro
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\ntls = false\nbackoff_max_s = 0.5\n'.encode(),
         "test.toml",
     )
-    ob = Outbox(cfg.buffer_path, tenant="acme", store="s1", agent="a1").open().start()
-    ob.commit_sync(events(5))
-    ob.checked.clear()  # as if the check had not passed yet
-    collector = Collector(broker.port, "retail/#").start()
-    uplink = Uplink(cfg, ob).start()
-    try:
-        assert not collector.wait_for(lambda c: len(c.messages) > 0, 1.0)  # not even the online state
-        assert uplink.alive and not uplink.status.connected and ob.count == 5
-        ob.checked.set()
-        assert collector.wait_for(lambda c: len(c.events) == 5, 20)
-        assert wait_until(lambda: ob.count == 0, 10)
-    finally:
-        uplink.stop(1.0)
-        collector.stop()
-        ob.close()
+    with open_outbox(cfg.buffer_path, tenant="acme", store="s1", agent="a1") as ob:
+        ob.commit_sync(events(5))
+        ob.checked.clear()  # as if the check had not passed yet
+        collector = Collector(broker.port, "retail/#").start()
+        uplink = Uplink(cfg, ob).start()
+        try:
+            assert not collector.wait_for(lambda c: len(c.messages) > 0, 1.0)  # not even the online state
+            assert uplink.alive and not uplink.status.connected and ob.count == 5
+            ob.checked.set()
+            assert collector.wait_for(lambda c: len(c.events) == 5, 20)
+            assert wait_until(lambda: ob.count == 0, 10)
+        finally:
+            uplink.stop(1.0)
+            collector.stop()

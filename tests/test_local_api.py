@@ -27,8 +27,9 @@ from agent.httpserver import Limits, server_config
 from agent.status import StatusReporter
 from agent.uplink import Uplink
 from agent.web import make_app
-from tests.support.agentproc import wait_until
+from tests.support.buffer import stored_count, stored_events
 from tests.support.mosquitto import free_port
+from tests.support.wait import wait_until
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -66,11 +67,9 @@ class ApiServer:
         self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, limits, loop="asyncio"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            assert self.thread.is_alive(), "uvicorn exited"
-            time.sleep(0.01)
+        assert wait_until(lambda: self.server.started or not self.thread.is_alive(), 10, interval=0.01), \
+            "uvicorn did not start"
+        assert self.server.started, "uvicorn exited"
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -81,21 +80,12 @@ class ApiServer:
     def stored(self) -> int:
         """Events committed so far (nothing is sent: no broker)."""
         self.outbox.flush()
-        conn = sqlite3.connect(self.tmp / "buffer.db")
-        try:
-            return conn.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()[0]
-        finally:
-            conn.close()
+        return stored_count(self.outbox.path)
 
     def envelopes(self) -> list[dict[str, Any]]:
         """Every stored envelope, in seq order."""
         self.outbox.flush()
-        conn = sqlite3.connect(self.tmp / "buffer.db")
-        try:
-            chunks = read_chunks(conn, 0, 1_000_000)
-        finally:
-            conn.close()
-        return [e for c in chunks for e in orjson.loads(b"[" + c.body + b"]")]
+        return stored_events(self.outbox)
 
 
 @pytest.fixture
@@ -440,10 +430,8 @@ def test_the_same_key_while_the_first_is_being_committed_is_a_409(api: ApiServer
         with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=api.url, timeout=30) as c1, \
                 httpx.Client(base_url=api.url, timeout=30) as c2:
             futures = [pool.submit(c.post, "/v1/events", content=body, headers=headers) for c in (c1, c2)]
-            deadline = time.monotonic() + 20
-            while not any(f.done() for f in futures):  # the one that is not in flight answers at once
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            # the one that is not in flight answers at once
+            assert wait_until(lambda: any(f.done() for f in futures), 20, interval=0.01)
             done = next(f for f in futures if f.done())
             assert done.result().status_code == 409
             assert done.result().json()["error"] == "request_in_progress"

@@ -11,62 +11,40 @@ from __future__ import annotations
 import os
 import resource
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from tests.support.agentproc import AgentProcess as SharedAgentProcess
-from tests.support.agentproc import wait_until
+from tests.support.agentproc import AgentProcess, write_config
 from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.subscriber import Collector
 
-AGENT = Path(sys.executable).with_name("store-agent")  # the venv's console script
 TOKEN = "e2e-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 PER_REQUEST = 50
 
 
-class AgentProcess(SharedAgentProcess):
-    """The shared agent process with its local API on a free port; `start` waits for /healthz."""
+def api_agent(tmp: Path, broker_port: int, preexec_fn: Callable[[], None] | None = None) -> tuple[AgentProcess, int]:
+    """The real agent with its local API on a free port (bearer TOKEN), not yet started; and that port."""
+    port = free_port()
+    (tmp / "token").write_text(TOKEN + "\n")
+    config = write_config(tmp / "agent.toml", tmp / "data", broker_port, api_port=port,
+                          extra=f'token_file = "{tmp / "token"}"\n[log]\nlevel = "warning"\n')
+    agent = AgentProcess(config, tmp / "agent.log", preexec_fn=preexec_fn)
+    agent.env = {k: v for k, v in os.environ.items() if not k.startswith("STORE_AGENT")}
+    return agent, port
 
-    def __init__(self, tmp: Path, broker_port: int) -> None:
-        self.tmp = tmp
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        (tmp / "token").write_text(TOKEN + "\n")
-        config = tmp / "agent.toml"
-        config.write_text(
-            f'[agent]\ntenant = "acme"\nstore = "s1"\nid = "a1"\ndata_dir = "{tmp / "data"}"\n'
-            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntls = false\n'
-            f'[local_api]\nlisten = "127.0.0.1:{self.port}"\ntoken_file = "{tmp / "token"}"\n'
-            '[log]\nlevel = "warning"\n'
-        )
-        super().__init__(config, tmp / "agent.log")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("STORE_AGENT")}
 
-    def start(self) -> AgentProcess:
-        super().start()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.alive(), self.log_text()[-2000:]
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("the agent did not answer /healthz within 20 s")
-
-    def kill9(self) -> None:
-        self.kill()
+def start(agent: AgentProcess, port: int) -> str:
+    """Start the agent and wait until its /healthz answers 200; returns the API's base URL."""
+    url = f"http://127.0.0.1:{port}"
+    assert agent.start().wait_http(f"{url}/healthz"), agent.tail(2000)
+    return url
 
 
 @pytest.fixture
@@ -84,14 +62,15 @@ def request_body(key: str) -> bytes:
 def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_kill(
     tmp_path: Path, broker: Mosquitto, collector: Collector
 ) -> None:
-    agent = AgentProcess(tmp_path, broker.port).start()
+    agent, port = api_agent(tmp_path, broker.port)
+    url = start(agent, port)
     answered: dict[str, list[str]] = {}   # key -> ids of its 200 answer
     unanswered: list[str] = []
     lock = threading.Lock()
     enough = threading.Event()
 
     def client(worker: int) -> None:
-        with httpx.Client(base_url=agent.url, timeout=15) as c:
+        with httpx.Client(base_url=url, timeout=15) as c:
             for n in range(10_000):  # bounded; ends at the kill
                 key = f"w{worker}-r{n}"
                 try:
@@ -107,9 +86,9 @@ def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_ki
                         enough.set()
 
     # one request is surely in flight at the kill: its body is never finished
-    partial = socket.create_connection(("127.0.0.1", agent.port))
+    partial = socket.create_connection(("127.0.0.1", port))
     partial_body = request_body("partial")
-    partial.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+    partial.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
                     "Content-Type: application/json\r\n"
                     f"Idempotency-Key: partial\r\nContent-Length: {len(partial_body)}\r\n\r\n".encode()
                     + partial_body[: len(partial_body) // 2])
@@ -126,8 +105,8 @@ def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_ki
         partial.close()
         assert not any(t.is_alive() for t in threads)
 
-        agent.start()  # same data dir: the buffer and the idempotency keys survive
-        with httpx.Client(base_url=agent.url, timeout=15) as c:
+        start(agent, port)  # same data dir: the buffer and the idempotency keys survive
+        with httpx.Client(base_url=url, timeout=15) as c:
             for key in unanswered:
                 r = c.post("/v1/events", content=request_body(key), headers={**AUTH, "Idempotency-Key": key})
                 assert r.status_code == 200, r.text
@@ -159,9 +138,10 @@ def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_ki
 def test_answers_do_not_wait_for_the_broker(tmp_path: Path, broker: Mosquitto) -> None:
     """With the broker down the API answers 200 from the buffer, and /healthz says so in its body."""
     broker.kill()
-    agent = AgentProcess(tmp_path, broker.port).start()
+    agent, port = api_agent(tmp_path, broker.port)
+    url = start(agent, port)
     try:
-        with httpx.Client(base_url=agent.url, timeout=15) as c:
+        with httpx.Client(base_url=url, timeout=15) as c:
             for n in range(5):
                 r = c.post("/v1/events", content=request_body(f"down-{n}"), headers=AUTH)
                 assert r.status_code == 200
@@ -173,27 +153,9 @@ def test_answers_do_not_wait_for_the_broker(tmp_path: Path, broker: Mosquitto) -
         agent.stop()
 
 
-class FewFilesAgent(AgentProcess):
-    """The agent with an open-file limit of 200, as a small box or a strict unit might give it."""
-
-    def start(self) -> AgentProcess:
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
-
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(AGENT), "run", "--config", str(self.config)], stdout=log, stderr=log,
-                stdin=subprocess.DEVNULL, env=self.env, start_new_session=True, preexec_fn=limit,
-            )
-        assert wait_until(lambda: self._answers(), timeout=20), self.log_text()[-2000:]
-        return self
-
-    def _answers(self) -> bool:
-        assert self.alive(), self.log_text()[-2000:]
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
+def few_files() -> None:
+    """An open-file limit of 200 for the agent, as a small box or a strict unit might give it."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
 
 
 def test_idle_half_requests_never_lock_a_client_out(tmp_path: Path, broker: Mosquitto) -> None:
@@ -202,16 +164,17 @@ def test_idle_half_requests_never_lock_a_client_out(tmp_path: Path, broker: Mosq
     Before the connection cap, the field test's 8,300 idle half-requests used up the agent's
     descriptors, and no client could connect any more.
     """
-    agent = FewFilesAgent(tmp_path, broker.port).start()
+    agent, port = api_agent(tmp_path, broker.port, preexec_fn=few_files)
+    url = start(agent, port)
     assert agent.proc is not None
     assert "Max open files            200" in Path(f"/proc/{agent.pid}/limits").read_text()
     halves: list[socket.socket] = []
     try:
         for _ in range(400):
-            s = socket.create_connection(("127.0.0.1", agent.port))
-            s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n".encode())
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
             halves.append(s)
-        with httpx.Client(base_url=agent.url, timeout=10) as c:
+        with httpx.Client(base_url=url, timeout=10) as c:
             for n in range(3):
                 assert c.get("/healthz").status_code == 200
                 assert c.post("/v1/events", content=request_body(f"after-{n}"), headers=AUTH).status_code == 200

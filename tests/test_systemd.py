@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.agentproc import STORE_AGENT
+
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "store-agent.service"
 
 
@@ -30,7 +32,7 @@ def test_unit_has_what_the_agent_relies_on():
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed here")
 def test_systemd_analyze_verify_passes(tmp_path):
     # the packaged path does not exist here: point ExecStart at this checkout's entry point
-    entry = Path(shutil.which("store-agent") or Path(__file__).resolve().parent.parent / ".venv/bin/store-agent")
+    entry = STORE_AGENT
     unit = tmp_path / "store-agent.service"
     unit.write_text(UNIT.read_text().replace("/opt/store-agent/bin/store-agent", str(entry)))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)

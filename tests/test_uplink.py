@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -17,10 +18,11 @@ from agent.buffer import Outbox
 from agent.config import parse
 from agent.core.envelope import Event
 from agent.uplink import Uplink
-from tests.support.agentproc import wait_until
+from tests.support.buffer import open_outbox
 from tests.support.certs import make_ca_and_server
 from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.subscriber import Collector
+from tests.support.wait import wait_until
 
 
 def config(data_dir: Path, port: int, extra: str = "", tls: str = "tls = false", backoff_max_s: float = 0.5):
@@ -31,13 +33,15 @@ def config(data_dir: Path, port: int, extra: str = "", tls: str = "tls = false",
     )
 
 
-def make_outbox(cfg) -> Outbox:
-    return Outbox.from_config(cfg).start()
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    """The buffer `config(tmp_path, ...)` describes: its file, its identity, chunks of its batch_size (50)."""
+    with open_outbox(tmp_path / "buffer.db", tenant="acme", store="s1", agent="a1", chunk_events=50) as box:
+        yield box
 
 
-def test_backlog_arrives_in_seq_order_per_stream_and_leaves_the_buffer(tmp_path, broker):
+def test_backlog_arrives_in_seq_order_per_stream_and_leaves_the_buffer(tmp_path, broker, outbox):
     cfg = config(tmp_path, broker.port)
-    outbox = make_outbox(cfg)
     for i in range(40):
         outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1")])
         outbox.commit_sync([Event("app.checkin", {"i": j}, "api") for j in range(20)])
@@ -66,16 +70,14 @@ def test_backlog_arrives_in_seq_order_per_stream_and_leaves_the_buffer(tmp_path,
         assert states and states[0]["online"] is True
     finally:
         uplink.stop(2)
-        outbox.close()
         collector.stop()
 
 
-def test_each_new_event_wakes_the_uplink(tmp_path, broker, monkeypatch):
+def test_each_new_event_wakes_the_uplink(tmp_path, broker, monkeypatch, outbox):
     """Online events go out when committed, not at the next timer tick (a lost wake-up once made
     every event wait for the idle timeout): with that timeout an hour, they must still arrive."""
     monkeypatch.setattr(Uplink, "IDLE_WAIT_S", 3600.0)
     cfg = config(tmp_path, broker.port, extra="metrics_interval_s = 3600")
-    outbox = make_outbox(cfg)
     collector = Collector(broker.port, "retail/acme/s1/a1/up/#").start()
     uplink = Uplink(cfg, outbox).start()
     try:
@@ -96,14 +98,12 @@ def test_each_new_event_wakes_the_uplink(tmp_path, broker, monkeypatch):
         assert collector.wait_for(lambda c: ids[0] in c.ids(), 20), "an event committed while idle was not sent"
     finally:
         uplink.stop(1)
-        outbox.close()
         collector.stop()
 
 
-def test_offline_then_broker_appears_resumes_by_itself(tmp_path):
+def test_offline_then_broker_appears_resumes_by_itself(tmp_path, outbox):
     port = free_port()
     cfg = config(tmp_path, port)
-    outbox = make_outbox(cfg)
     uplink = Uplink(cfg, outbox).start()
     broker = None
     try:
@@ -120,14 +120,12 @@ def test_offline_then_broker_appears_resumes_by_itself(tmp_path):
         collector.stop()
     finally:
         uplink.stop(1)
-        outbox.close()
         if broker:
             broker.stop()
 
 
-def test_will_says_offline_when_the_agent_dies(tmp_path, broker):
+def test_will_says_offline_when_the_agent_dies(tmp_path, broker, outbox):
     cfg = config(tmp_path, broker.port, extra="keepalive_s = 5")
-    outbox = make_outbox(cfg)
     uplink = Uplink(cfg, outbox).start()
     collector = Collector(broker.port, "retail/acme/s1/a1/state").start()
     try:
@@ -135,7 +133,6 @@ def test_will_says_offline_when_the_agent_dies(tmp_path, broker):
         uplink.stop(1)  # a clean stop says offline itself (the will is only for deaths)
         assert collector.wait_for(lambda c: not orjson.loads(c.messages[-1][1])["online"], 10)
     finally:
-        outbox.close()
         collector.stop()
 
 
@@ -147,10 +144,9 @@ def tls_broker(tmp_path: Path) -> tuple[Mosquitto, dict[str, Path]]:
     return b.start(), certs
 
 
-def test_tls_with_the_right_ca_delivers(tmp_path):
+def test_tls_with_the_right_ca_delivers(tmp_path, outbox):
     broker, certs = tls_broker(tmp_path)
     cfg = config(tmp_path, broker.port, tls=f'tls = true\nca_file = "{certs["ca"]}"')
-    outbox = make_outbox(cfg)
     uplink = Uplink(cfg, outbox).start()
     try:
         outbox.commit_sync([Event("pos.sale", {"i": 1}, "pos:1")])
@@ -158,12 +154,11 @@ def test_tls_with_the_right_ca_delivers(tmp_path):
         assert uplink.status.connected
     finally:
         uplink.stop(1)
-        outbox.close()
         broker.stop()
 
 
 @pytest.mark.parametrize("case", ["wrong_ca", "plaintext_broker"])
-def test_failed_tls_is_an_error_never_a_plaintext_fallback(tmp_path, case):
+def test_failed_tls_is_an_error_never_a_plaintext_fallback(tmp_path, case, outbox):
     if case == "wrong_ca":
         broker, _ = tls_broker(tmp_path)
         other = make_ca_and_server(tmp_path / "other")
@@ -174,7 +169,6 @@ def test_failed_tls_is_an_error_never_a_plaintext_fallback(tmp_path, case):
         tls = f'tls = true\nca_file = "{other["ca"]}"'
     collector = Collector(broker.port, "#").start() if case == "plaintext_broker" else None
     cfg = config(tmp_path, broker.port, tls=tls)
-    outbox = make_outbox(cfg)
     uplink = Uplink(cfg, outbox).start()
     try:
         outbox.commit_sync([Event("pos.sale", {"secret": "card"}, "pos:1")])
@@ -188,7 +182,6 @@ def test_failed_tls_is_an_error_never_a_plaintext_fallback(tmp_path, case):
             assert collector.events == []
     finally:
         uplink.stop(1)
-        outbox.close()
         broker.stop()
         if collector is not None:
             collector.stop()
@@ -200,7 +193,7 @@ def set_aside_events(collector: Collector) -> list[dict]:
     return [e for e in collector.events if e["type"] == "system.batch_set_aside"]
 
 
-def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_path):
+def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_path, outbox):
     """MQTT 5: a broker whose ACL refuses `up/pos` answers PUBACK 0x87. The POS rows stay in the
     buffer (set aside, reported), the rest goes past them; once allowed, they arrive exactly once."""
     acl = tmp_path / "acl"
@@ -210,7 +203,6 @@ def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_pa
     acl.write_text(deny_pos)
     broker = Mosquitto(tmp_path / "mq", extra_conf=f"acl_file {acl}\n").start()
     cfg = config(tmp_path, broker.port)
-    outbox = make_outbox(cfg)
     pos_ids = outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1") for i in range(5)]).ids
     app_ids = outbox.commit_sync([Event("app.checkin", {"i": i}, "api") for i in range(3)]).ids
     collector = Collector(broker.port, "retail/acme/s1/a1/up/#").start()
@@ -239,20 +231,18 @@ def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_pa
         assert uplink.status.set_aside_events == 0
     finally:
         uplink.stop(1)
-        outbox.close()
         collector.stop()
         broker.stop()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_an_event_bigger_than_the_broker_packet_limit_does_not_stop_the_rest(tmp_path, protocol):
+def test_an_event_bigger_than_the_broker_packet_limit_does_not_stop_the_rest(tmp_path, protocol, outbox):
     """mosquitto `max_packet_size 1048576` and one 2 MB event committed first: the POS events after it
     are delivered, the big one stays in the buffer, set aside and reported. MQTT 5 knows the limit
     from the CONNACK; under 3.1.1 the broker just drops the connection, and the batch that keeps
     going down with it is set aside."""
     broker = Mosquitto(tmp_path / "mq", extra_conf="max_packet_size 1048576\n").start()
     cfg = config(tmp_path, broker.port, extra=f'protocol = "{protocol}"')
-    outbox = make_outbox(cfg)
     outbox.commit_sync([Event("app.blob", {"b": "x" * 2_000_000}, "api")])
     pos_ids = [outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1")]).ids[0] for i in range(5)]
     collector = Collector(broker.port, "retail/acme/s1/a1/up/#").start()
@@ -281,7 +271,6 @@ def test_an_event_bigger_than_the_broker_packet_limit_does_not_stop_the_rest(tmp
         assert collector.wait_for(lambda c: again[0] in c.ids(), 20)
     finally:
         uplink.stop(1)
-        outbox.close()
         collector.stop()
         broker.stop()
 
@@ -321,12 +310,11 @@ class CutAfterConnack:
         self.listener.close()
 
 
-def test_backoff_is_not_reset_by_a_connack_alone(tmp_path, broker):
+def test_backoff_is_not_reset_by_a_connack_alone(tmp_path, broker, outbox):
     """A session that drops right after its CONNACK has not proved healthy: the reconnects slow
     down along the ladder (they used to restart from the bottom: about 4 connections a second)."""
     proxy = CutAfterConnack(broker.port)
     cfg = config(tmp_path, proxy.port, backoff_max_s=30)
-    outbox = make_outbox(cfg)
     outbox.commit_sync([Event("pos.sale", {"i": 1}, "pos:1")])
     uplink = Uplink(cfg, outbox).start()
     try:
@@ -340,18 +328,16 @@ def test_backoff_is_not_reset_by_a_connack_alone(tmp_path, broker):
         assert uplink.alive and outbox.count == 1
     finally:
         uplink.stop(1)
-        outbox.close()
         proxy.close()
 
 
-def test_a_failure_while_connecting_is_reported_and_retried_never_ending_the_thread(tmp_path, broker):
+def test_a_failure_while_connecting_is_reported_and_retried_never_ending_the_thread(tmp_path, broker, outbox):
     """A password file gone after start (make_client raises): the uplink thread lives on, says why in
     `last_error`, and connects once the file is back."""
     secret = tmp_path / "mqtt.password"
     secret.write_text("pw\n")
     cfg = config(tmp_path, broker.port, extra=f'username = "agent"\npassword_file = "{secret}"')
     secret.unlink()
-    outbox = make_outbox(cfg)
     uplink = Uplink(cfg, outbox).start()
     try:
         assert wait_until(lambda: "cannot connect" in (uplink.status.last_error or ""), 10), uplink.status
@@ -363,12 +349,10 @@ def test_a_failure_while_connecting_is_reported_and_retried_never_ending_the_thr
         assert uplink.alive
     finally:
         uplink.stop(1)
-        outbox.close()
 
 
-def test_mqtt_311_delivers_end_to_end(tmp_path, broker):
+def test_mqtt_311_delivers_end_to_end(tmp_path, broker, outbox):
     cfg = config(tmp_path, broker.port, extra='protocol = "3.1.1"')
-    outbox = make_outbox(cfg)
     ids = outbox.commit_sync([Event("pos.sale", {"i": i}, "pos:1") for i in range(120)]).ids
     collector = Collector(broker.port, "retail/acme/s1/a1/#").start()
     uplink = Uplink(cfg, outbox).start()
@@ -379,7 +363,6 @@ def test_mqtt_311_delivers_end_to_end(tmp_path, broker):
         assert collector.wait_for(lambda c: any(t.endswith("/state") for t, _, _ in c.messages), 10)
     finally:
         uplink.stop(1)
-        outbox.close()
         collector.stop()
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,12 @@ def toml_table(name: str, keys: dict[str, Any]) -> str:
 class AgentProcess:
     """Starts, kills (-9) and stops one agent; its stdout and stderr go to a log file."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.config = config
         self.log = log
         self.env = {**os.environ, **(env or {})}
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. to set an rlimit)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -67,6 +70,7 @@ class AgentProcess:
             self.proc = subprocess.Popen(
                 [STORE_AGENT, "run", "--config", str(self.config)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
+                preexec_fn=self.preexec_fn,
             )
         self.starts += 1
         return self
