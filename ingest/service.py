@@ -1,0 +1,174 @@
+"""The ingest's flow: MQTT deliveries → batches → one PostgreSQL transaction → PUBACKs.
+
+Three threads, each owning one thing: paho's network thread (the MQTT socket), the batch thread
+(parses deliveries into COPY lines while the previous batch is being committed) and the commit
+thread (the PostgreSQL connection, then the acks). Queues connect them; the queue between batch
+and commit holds at most two batches, which bounds memory and lets the broker's Receive
+Maximum apply back-pressure.
+
+Invariants:
+- a delivery is acknowledged only after the transaction holding its rows and rejects committed;
+- a batch that fails to commit is retried, with backoff, until it commits or the process stops;
+  nothing is acked meanwhile, so a crash at any point means redelivery, which the id ledger
+  turns into nothing new;
+- a batch PostgreSQL refuses for its data (which the envelope checks should make impossible) is
+  split into its messages, and a message that is still refused is kept whole as a reject with
+  the database's reason, so no payload can block the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+
+import psycopg
+
+from ingest.config import IngestConfig
+from ingest.db import Writer
+from ingest.envelope import Parsed, Reject, parse_message
+from ingest.mqtt import Delivery, Session
+
+log = logging.getLogger("ingest")
+
+STATS_INTERVAL_S = 60.0
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass(slots=True)
+class Batch:
+    deliveries: list[Delivery] = field(default_factory=list)
+    parsed: Parsed = field(default_factory=Parsed)
+
+
+def stamp(t: float) -> str:
+    """A receive time as RFC 3339 text for COPY."""
+    return datetime.fromtimestamp(t, UTC).isoformat()
+
+
+class Ingest:
+    """Wires the session, the batch thread and the commit thread; `run` blocks until stopped."""
+
+    def __init__(self, cfg: IngestConfig) -> None:
+        self.cfg = cfg
+        self.prefix = cfg.mqtt.topic_prefix
+        self.deliveries: queue.Queue[Delivery] = queue.Queue()
+        self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
+        self.session = Session(cfg, self.deliveries)
+        self.writer = Writer(cfg.dsn())
+        self._stop = threading.Event()
+        self.landed = 0
+        self.messages = 0
+        self.rejected = 0
+        self.events = 0
+
+    def run(self) -> int:
+        """Migrate, connect, ingest until SIGTERM/SIGINT; 0 on a clean stop."""
+        self.writer.open()  # fails fast (exit 1) when PostgreSQL cannot be reached at start
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.session.start()
+        batcher = threading.Thread(target=self._batch_loop, name="ingest-batch", daemon=True)
+        batcher.start()
+        committer = threading.Thread(target=self._commit_loop, name="ingest-commit", daemon=True)
+        committer.start()
+        last_stats = time.monotonic()
+        while not self._stop.wait(1.0):
+            if not committer.is_alive():
+                break
+            if time.monotonic() - last_stats >= STATS_INTERVAL_S:
+                last_stats = time.monotonic()
+                log.info("messages=%d events=%d landed=%d rejects=%d",
+                         self.messages, self.events, self.landed, self.rejected)
+        self._stop.set()
+        batcher.join()
+        committer.join()
+        self.session.stop()
+        self.writer.close()
+        log.info("stopped: messages=%d events=%d landed=%d rejects=%d",
+                 self.messages, self.events, self.landed, self.rejected)
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: finishing the batch in hand, then stopping", signum)
+        self._stop.set()
+
+    def _batch_loop(self) -> None:
+        limit = self.cfg.ingest.batch_events
+        wait_s = self.cfg.ingest.batch_wait_ms / 1000
+        try:
+            while not self._stop.is_set():
+                try:
+                    first = self.deliveries.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                batch = Batch()
+                self._add(batch, first)
+                deadline = time.monotonic() + wait_s
+                while len(batch.parsed.rows) < limit:
+                    left = deadline - time.monotonic()
+                    try:
+                        delivery = self.deliveries.get(timeout=left) if left > 0 else self.deliveries.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._add(batch, delivery)
+                self.batches.put(batch)
+        finally:
+            self.batches.put(None)
+
+    def _add(self, batch: Batch, delivery: Delivery) -> None:
+        batch.deliveries.append(delivery)
+        parse_message(delivery.topic, delivery.payload, self.prefix, stamp(delivery.received_at), batch.parsed)
+
+    def _commit_loop(self) -> None:
+        while True:
+            batch = self.batches.get()
+            if batch is None:
+                return
+            self._commit(batch)
+
+    def _commit(self, batch: Batch) -> None:
+        delay = 0.5
+        while True:
+            try:
+                landed = self._write(batch.parsed)
+                break
+            except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+                log.error("PostgreSQL refused a batch of %d messages: %s; landing them one by one",
+                          len(batch.deliveries), str(exc).splitlines()[0])
+                landed = self._write_one_by_one(batch)
+                break
+            except psycopg.Error as exc:
+                if self._stop.is_set():  # stopping: leave it unacked; the broker sends it again
+                    log.warning("PostgreSQL: %s; stopping without this batch", str(exc).splitlines()[0])
+                    return
+                log.warning("PostgreSQL: %s; retrying in %.1f s", str(exc).splitlines()[0] if str(exc) else exc, delay)
+                self.writer.close()
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+        self.session.ack(batch.deliveries)
+        self.messages += len(batch.deliveries)
+        self.events += len(batch.parsed.rows)
+        self.landed += landed
+        self.rejected += len(batch.parsed.rejects)
+
+    def _write(self, parsed: Parsed) -> int:
+        return self.writer.write(parsed.rows.values(), parsed.days, parsed.rejects)
+
+    def _write_one_by_one(self, batch: Batch) -> int:
+        landed = 0
+        for delivery in batch.deliveries:
+            one = Parsed()
+            at = stamp(delivery.received_at)
+            parse_message(delivery.topic, delivery.payload, self.prefix, at, one)
+            try:
+                landed += self._write(one)
+            except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+                reason = f"database refused it: {str(exc).splitlines()[0]}"
+                self._write(Parsed(rejects=[Reject(delivery.topic, delivery.payload, reason, at)]))
+        return landed
