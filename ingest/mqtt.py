@@ -131,6 +131,8 @@ class Session:
         for reason in reasons:
             if reason.is_failure:
                 log.error("subscription to %s refused: %s", self.topic, reason)
+            else:
+                log.info("subscribed to %s", self.topic)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         with self._lock:

@@ -69,9 +69,12 @@ class Ingest:
 
     def run(self) -> int:
         """Migrate, connect, ingest until SIGTERM/SIGINT; 0 on a clean stop."""
-        self.writer.open()  # fails fast (exit 1) when PostgreSQL cannot be reached at start
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        self.writer.open()  # fails fast (exit 1) when PostgreSQL cannot be reached at start
+        if self._stop.is_set():
+            self.writer.close()
+            return 0
         self.session.start()
         batcher = threading.Thread(target=self._batch_loop, name="ingest-batch", daemon=True)
         batcher.start()
