@@ -62,11 +62,21 @@ def test_two_instances_one_killed_mid_stream(tmp_path: Path, broker: Mosquitto, 
     one.wait_subscribed()
     two.wait_subscribed()
     pub = Publisher(broker.port, "fleet-pub")
-    sender = threading.Thread(target=pub.send_all, args=(messages, 60.0), daemon=True)
-    sender.start()
+    first, rest = messages[:40], messages[40:]
+    sender = threading.Thread(target=pub.send_all, args=(rest, 60.0), daemon=True)
     try:
+        pub.send_all(first)
         assert wait_until(lambda: landed_count(pgdb) >= 2000, 30), one.tail() + two.tail()
-        one.kill9()  # mid-stream: whatever it had received and not acknowledged stays in its session
+        # hold both instances inside a commit, so that the one killed has messages in hand: had it
+        # acknowledged them on receipt rather than after its commit, they would be lost
+        with psycopg.connect(pgdb) as blocker:
+            blocker.execute("LOCK TABLE ingest_event_ids IN EXCLUSIVE MODE")
+            sender.start()
+            assert wait_until(lambda: query(
+                pgdb, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'store-agent-ingest' "
+                      "AND wait_event_type = 'Lock'") == [(2,)], 20), one.tail() + two.tail()
+            one.kill9()  # mid-stream: whatever it had received and not acknowledged stays in its session
+            blocker.rollback()
         subscribed = one.subscriptions()
         one = IngestProcess(tmp_path, one.config).start()  # systemd's Restart=: the same client_id
         one.wait_subscribed(subscribed + 1)
@@ -105,7 +115,18 @@ def test_broker_restarted_under_load(tmp_path: Path, pgdb: str) -> None:
         assert wait_until(lambda: landed_count(pgdb) > 0, 20), ingest.tail()
         broker.stop()  # under load: messages in flight to the ingest, unacknowledged, and queued
         broker.start()
-        ingest.wait_subscribed(times=2)  # it subscribed again (mosquitto forgets shared subscriptions)
+        # mosquitto forgets shared subscriptions when it restarts: the stream flows again only
+        # because the ingest subscribes on every connect. A probe (one event, resent until it lands)
+        # shows it has; what is published before that goes to no one, which is the broker's doing.
+        probe = SimAgent("acme", "s0", "probe", seed=99)
+        probe_message = (probe.topic(), probe.payload(probe.events(1)))
+
+        def probe_landed() -> bool:
+            pub.send_all([probe_message])
+            return query(pgdb, "SELECT count(*) FROM store_events WHERE agent = 'probe'") == [(1,)]
+
+        assert wait_until(probe_landed, 30, interval=0.5), ingest.tail()
+        expected.add(("probe", 1))
         pub.send_all(after)
         assert wait_until(lambda: landed_count(pgdb) >= len(expected), 40), (landed_count(pgdb), ingest.tail())
         assert_landed_once(pgdb, expected)
