@@ -45,6 +45,11 @@ class Origin:
     tenant: str
     store: str
     agent: str
+    copy_text: str = ""  # the three as COPY text columns, made once per message
+
+    @classmethod
+    def of(cls, tenant: str, store: str, agent: str) -> Origin:
+        return cls(tenant, store, agent, f"{_esc(tenant)}\t{_esc(store)}\t{_esc(agent)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +84,7 @@ def parse_topic(topic: str, prefix: str) -> Origin:
     parts = topic[len(head):].split("/")
     if len(parts) < 4 or parts[3] != "up" or not all(parts[:3]):
         raise TopicError(f"topic {topic!r} is not {prefix}/tenant/store/agent/up/stream")
-    return Origin(parts[0], parts[1], parts[2])
+    return Origin.of(parts[0], parts[1], parts[2])
 
 
 def parse_message(topic: str, payload: bytes, prefix: str, received_at: str, out: Parsed) -> None:
@@ -139,9 +144,12 @@ def envelope_row(event: object, origin: Origin, received_at: str) -> tuple[str, 
     if not isinstance(ts_text, str):
         raise ValueError("ts is not RFC 3339 with an offset")
     ts, day = parse_ts(ts_text)
-    for key, expected in (("tenant", origin.tenant), ("store", origin.store), ("agent", origin.agent)):
-        if event.get(key) != expected:
-            raise ValueError(f"{key} differs from the topic's")
+    if event.get("tenant") != origin.tenant:
+        raise ValueError("tenant differs from the topic's")
+    if event.get("store") != origin.store:
+        raise ValueError("store differs from the topic's")
+    if event.get("agent") != origin.agent:
+        raise ValueError("agent differs from the topic's")
     kind = event.get("type")
     if not isinstance(kind, str) or not kind or "\x00" in kind:
         raise ValueError("type is not a non-empty string")
@@ -149,7 +157,7 @@ def envelope_row(event: object, origin: Origin, received_at: str) -> tuple[str, 
     if source is None:
         source_text = "\\N"
     elif isinstance(source, str) and "\x00" not in source:
-        source_text = source.translate(_COPY_ESCAPES)
+        source_text = _esc(source)
     else:
         raise ValueError("source is not a string")
     if "data" not in event:
@@ -157,13 +165,10 @@ def envelope_row(event: object, origin: Origin, received_at: str) -> tuple[str, 
     data = orjson.dumps(event["data"])
     if b"\\u0000" in data:  # jsonb cannot hold NUL
         raise ValueError("data holds a NUL character")
+    event_id = event_id.lower()
     # COPY text: in the JSON only backslashes need escaping (orjson escapes control characters)
-    data_text = data.replace(b"\\", b"\\\\")
-    line = "\t".join((
-        event_id.lower(), _esc(origin.tenant), _esc(origin.store), _esc(origin.agent), str(seq),
-        kind.translate(_COPY_ESCAPES), source_text, ts, "",
-    )).encode() + data_text + b"\t" + received_at.encode() + b"\n"
-    return event_id.lower(), line, day
+    head = f"{event_id}\t{origin.copy_text}\t{seq}\t{_esc(kind)}\t{source_text}\t{ts}\t".encode()
+    return event_id, head + data.replace(b"\\", b"\\\\") + b"\t" + received_at.encode() + b"\n", day
 
 
 def parse_ts(text: str) -> tuple[str, date]:
@@ -171,21 +176,32 @@ def parse_ts(text: str) -> tuple[str, date]:
     match = _RFC3339.fullmatch(text)
     if match is None:
         raise ValueError("ts is not RFC 3339 with an offset")
-    frac = (match.group(7) or "")[:7]  # microseconds: PostgreSQL's precision (and Python's limit)
+    frac = match.group(7)
     offset = match.group(8)
-    if offset in ("Z", "z"):
-        offset = "+00:00"
-    normal = f"{text[:10]}T{text[11:19]}{frac}{offset}"
+    if (frac is None or len(frac) <= 7) and text[10] == "T" and offset != "z":
+        normal = text  # the usual form (`2026-11-23T08:15:02.125Z`): as it is
+    else:
+        # microseconds are PostgreSQL's precision (and Python's limit); `t`, `z`, ` ` spelled out
+        normal = f"{text[:10]}T{text[11:19]}{(frac or '')[:7]}{'Z' if offset in ('Z', 'z') else offset}"
     try:
         ts = datetime.fromisoformat(normal)
     except ValueError:
         raise ValueError("ts is not RFC 3339 with an offset (no such date or time)") from None
-    day = ts.astimezone(UTC).date() if offset != "+00:00" else ts.date()
+    day = ts.date() if offset in ("Z", "z", "+00:00", "-00:00") else ts.astimezone(UTC).date()
     return normal, day
 
 
+_ESCAPED: dict[str, str] = {}
+
+
 def _esc(text: str) -> str:
-    return text.translate(_COPY_ESCAPES)
+    """`text` escaped for COPY's text format; types and sources repeat, so results are kept."""
+    escaped = _ESCAPED.get(text)
+    if escaped is None:
+        escaped = text.translate(_COPY_ESCAPES)
+        if len(_ESCAPED) < 10_000:
+            _ESCAPED[text] = escaped
+    return escaped
 
 
 def element_spans(payload: bytes) -> list[tuple[int, int]]:

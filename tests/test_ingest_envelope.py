@@ -40,7 +40,7 @@ def test_a_good_batch_becomes_copy_lines() -> None:
     assert not out.rejects and len(out.rows) == 2
     line = out.rows["0193a5f0-7c1e-7d2a-9b1f-000000000002"].decode()
     fields = line.rstrip("\n").split("\t")
-    assert fields[4] == "2" and fields[7] == "2026-11-23T08:15:02.125+00:00" and fields[9] == AT
+    assert fields[4] == "2" and fields[7] == "2026-11-23T08:15:02.125Z" and fields[9] == AT
     assert fields[8] == '{"s":"a\\\\\\\\b\\\\tc\\\\nd"}'  # JSON escapes, then COPY's backslash doubling
 
 
@@ -80,6 +80,7 @@ def test_a_topic_outside_the_pattern_is_a_reject() -> None:
 
 def test_ts_needs_an_offset_and_keeps_microseconds() -> None:
     assert parse_ts("2026-11-23T23:15:02.123456789-05:00")[0] == "2026-11-23T23:15:02.123456-05:00"
+    assert parse_ts("2026-11-23t08:15:02z")[0] == "2026-11-23T08:15:02Z"
     assert str(parse_ts("2026-11-23T23:15:02-05:00")[1]) == "2026-11-24"  # the UTC day picks the partition
     for bad in ("2026-11-23T08:15:02", "2026-11-23", "23/11/2026 08:15:02Z", "2026-12-31T23:59:60Z"):
         try:

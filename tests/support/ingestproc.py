@@ -16,11 +16,12 @@ from tests.support.wait import wait_until
 STORE_AGENT_INGEST = str(Path(sys.executable).with_name("store-agent-ingest"))
 
 
-def write_ingest_config(path: Path, broker_port: int, dsn: str, client_id: str, extra: str = "") -> Path:
+def write_ingest_config(path: Path, broker_port: int, dsn: str, client_id: str, extra: str = "",
+                        batch_wait_ms: int = 20) -> Path:
     """A minimal ingest.toml: loopback broker without TLS, short batches so tests see commits quickly."""
     path.write_text(
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntls = false\ntopic_prefix = "retail"\n'
-        f'[ingest]\ndsn = "{dsn}"\ngroup = "ingest"\nclient_id = "{client_id}"\nbatch_wait_ms = 20\n{extra}\n'
+        f'[ingest]\ndsn = "{dsn}"\ngroup = "ingest"\nclient_id = "{client_id}"\nbatch_wait_ms = {batch_wait_ms}\n{extra}\n'
     )
     return path
 
