@@ -61,6 +61,7 @@ class IngestSection(Section):
     receive_maximum: int = Field(default=200, ge=1, le=65535)  # unacked messages the broker may send
     batch_events: int = Field(default=20_000, ge=1)  # events per transaction at most
     batch_wait_ms: int = Field(default=100, ge=0, le=60_000)  # how long a transaction waits to fill
+    writers: int = Field(default=2, ge=1, le=32)  # PostgreSQL connections committing batches in parallel
     retention_days: int = Field(default=0, ge=0)  # 0: keep every day partition
 
     @model_validator(mode="after")

@@ -24,8 +24,10 @@ One transaction per batch: COPY the rows into a temporary staging table, then
 `INSERT INTO ingest_event_ids … ON CONFLICT DO NOTHING RETURNING id` and insert into
 `ingest_events` only the events whose id that returned (first copy wins, with its received_at),
 COPY the rejects, commit. Only then does the caller acknowledge the messages to the broker.
-Two instances inserting the same id at once: the second waits on the first's uncommitted index
-entry and then does nothing, so the id still lands once.
+Two transactions inserting the same id at once (two instances, or two writers of one): the
+second waits on the first's uncommitted index entry and then does nothing, so the id still lands
+once. Ids are inserted in id order, so two transactions sharing several ids wait on each other in
+the same order and cannot deadlock.
 
 Migrations are numbered statements applied in one transaction under
 `pg_advisory_xact_lock(MIGRATION_LOCK)`, so instances starting together agree; partition
@@ -93,7 +95,7 @@ CREATE TEMPORARY TABLE IF NOT EXISTS ingest_stage (
 """
 _LAND = """
 WITH fresh AS (
-    INSERT INTO ingest_event_ids (id) SELECT id FROM ingest_stage ON CONFLICT DO NOTHING RETURNING id
+    INSERT INTO ingest_event_ids (id) SELECT id FROM ingest_stage ORDER BY id ON CONFLICT DO NOTHING RETURNING id
 )
 INSERT INTO ingest_events (id, tenant, store, agent, seq, type, source, ts, data, received_at)
 SELECT s.id, s.tenant, s.store, s.agent, s.seq, s.type, s.source, s.ts, s.data, s.received_at

@@ -1,10 +1,13 @@
 """The ingest's flow: MQTT deliveries → batches → one PostgreSQL transaction → PUBACKs.
 
-Three threads, each owning one thing: paho's network thread (the MQTT socket), the batch thread
-(parses deliveries into COPY lines while the previous batch is being committed) and the commit
-thread (the PostgreSQL connection, then the acks). Queues connect them; the queue between batch
-and commit holds at most two batches, which bounds memory and lets the broker's Receive
-Maximum apply back-pressure.
+Threads, each owning one thing: paho's network thread (the MQTT socket), the batch thread
+(parses deliveries into COPY lines while earlier batches are being committed) and `writers`
+commit threads, each with its own PostgreSQL connection, so that one instance keeps as many
+transactions in flight as the database has cores to spare (a commit is mostly waiting on the
+server). Queues connect them; the one between batch and commit threads holds at most
+`writers + 1` batches, which bounds memory and lets the broker's Receive Maximum push back.
+Batches are numbered as they are made and acknowledged in that order whatever order they commit
+in, because MQTT wants a client's PUBACKs in the order the PUBLISHes arrived.
 
 Invariants:
 - a delivery is acknowledged only after the transaction holding its rows and rejects committed;
@@ -42,6 +45,7 @@ BACKOFF_MAX_S = 30.0
 
 @dataclass(slots=True)
 class Batch:
+    number: int = 0
     deliveries: list[Delivery] = field(default_factory=list)
     parsed: Parsed = field(default_factory=Parsed)
 
@@ -58,9 +62,13 @@ class Ingest:
         self.cfg = cfg
         self.prefix = cfg.mqtt.topic_prefix
         self.deliveries: queue.Queue[Delivery] = queue.Queue()
-        self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
+        n = cfg.ingest.writers
+        self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=n + 1)
         self.session = Session(cfg, self.deliveries)
-        self.writer = Writer(cfg.dsn())
+        dsn = cfg.dsn()
+        self.writers = [Writer(dsn) for _ in range(n)]
+        self._acked = threading.Condition()
+        self._next_ack = 0
         self._stop = threading.Event()
         self.landed = 0
         self.messages = 0
@@ -71,18 +79,22 @@ class Ingest:
         """Migrate, connect, ingest until SIGTERM/SIGINT; 0 on a clean stop."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.writer.open()  # fails fast (exit 1) when PostgreSQL cannot be reached at start
+        for writer in self.writers:
+            writer.open()  # fails fast (exit 1) when PostgreSQL cannot be reached at start
         if self._stop.is_set():
-            self.writer.close()
+            for writer in self.writers:
+                writer.close()
             return 0
         self.session.start()
         batcher = threading.Thread(target=self._batch_loop, name="ingest-batch", daemon=True)
         batcher.start()
-        committer = threading.Thread(target=self._commit_loop, name="ingest-commit", daemon=True)
-        committer.start()
+        committers = [threading.Thread(target=self._commit_loop, args=(w,), name=f"ingest-commit-{i}", daemon=True)
+                      for i, w in enumerate(self.writers)]
+        for committer in committers:
+            committer.start()
         last_stats = time.monotonic()
         while not self._stop.wait(1.0):
-            if not committer.is_alive():
+            if not all(c.is_alive() for c in committers):
                 break
             if time.monotonic() - last_stats >= STATS_INTERVAL_S:
                 last_stats = time.monotonic()
@@ -90,9 +102,11 @@ class Ingest:
                          self.messages, self.events, self.landed, self.rejected)
         self._stop.set()
         batcher.join()
-        committer.join()
+        for committer in committers:
+            committer.join()
         self.session.stop()
-        self.writer.close()
+        for writer in self.writers:
+            writer.close()
         log.info("stopped: messages=%d events=%d landed=%d rejects=%d",
                  self.messages, self.events, self.landed, self.rejected)
         return 0
@@ -104,13 +118,15 @@ class Ingest:
     def _batch_loop(self) -> None:
         limit = self.cfg.ingest.batch_events
         wait_s = self.cfg.ingest.batch_wait_ms / 1000
+        number = 0
         try:
             while not self._stop.is_set():
                 try:
                     first = self.deliveries.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                batch = Batch()
+                batch = Batch(number)
+                number += 1
                 self._add(batch, first)
                 deadline = time.monotonic() + wait_s
                 while len(batch.parsed.rows) < limit:
@@ -122,56 +138,67 @@ class Ingest:
                     self._add(batch, delivery)
                 self.batches.put(batch)
         finally:
-            self.batches.put(None)
+            for _ in self.writers:
+                self.batches.put(None)
 
     def _add(self, batch: Batch, delivery: Delivery) -> None:
         batch.deliveries.append(delivery)
         parse_message(delivery.topic, delivery.payload, self.prefix, stamp(delivery.received_at), batch.parsed)
 
-    def _commit_loop(self) -> None:
+    def _commit_loop(self, writer: Writer) -> None:
         while True:
             batch = self.batches.get()
             if batch is None:
                 return
-            self._commit(batch)
+            committed = self._commit(writer, batch)
+            with self._acked:  # acknowledge in the order the batches were made
+                while self._next_ack != batch.number:
+                    self._acked.wait()
+                if committed:
+                    self.session.ack(batch.deliveries)
+                self._next_ack += 1
+                self._acked.notify_all()
 
-    def _commit(self, batch: Batch) -> None:
+    def _commit(self, writer: Writer, batch: Batch) -> bool:
+        """Commit a batch, retrying until it commits (True) or the ingest stops (False)."""
         delay = 0.5
         while True:
             try:
-                landed = self._write(batch.parsed)
+                landed = self._write(writer, batch.parsed)
                 break
             except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
                 log.error("PostgreSQL refused a batch of %d messages: %s; landing them one by one",
                           len(batch.deliveries), str(exc).splitlines()[0])
-                landed = self._write_one_by_one(batch)
+                landed = self._write_one_by_one(writer, batch)
                 break
             except psycopg.Error as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                writer.close()
                 if self._stop.is_set():  # stopping: leave it unacked; the broker sends it again
-                    log.warning("PostgreSQL: %s; stopping without this batch", str(exc).splitlines()[0])
-                    return
-                log.warning("PostgreSQL: %s; retrying in %.1f s", str(exc).splitlines()[0] if str(exc) else exc, delay)
-                self.writer.close()
+                    log.warning("PostgreSQL: %s; stopping without this batch", first)
+                    return False
+                log.warning("PostgreSQL: %s; retrying in %.1f s", first, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
-        self.session.ack(batch.deliveries)
-        self.messages += len(batch.deliveries)
-        self.events += len(batch.parsed.rows)
-        self.landed += landed
-        self.rejected += len(batch.parsed.rejects)
+        with self._acked:
+            self.messages += len(batch.deliveries)
+            self.events += len(batch.parsed.rows)
+            self.landed += landed
+            self.rejected += len(batch.parsed.rejects)
+        return True
 
-    def _write(self, parsed: Parsed) -> int:
-        return self.writer.write(parsed.rows.values(), parsed.days, parsed.rejects)
+    def _write(self, writer: Writer, parsed: Parsed) -> int:
+        return writer.write(parsed.rows.values(), parsed.days, parsed.rejects)
 
-    def _write_one_by_one(self, batch: Batch) -> int:
+    def _write_one_by_one(self, writer: Writer, batch: Batch) -> int:
         landed = 0
         for delivery in batch.deliveries:
             one = Parsed()
             at = stamp(delivery.received_at)
             parse_message(delivery.topic, delivery.payload, self.prefix, at, one)
             try:
-                landed += self._write(one)
+                landed += self._write(writer, one)
             except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
                 reason = f"database refused it: {str(exc).splitlines()[0]}"
-                self._write(Parsed(rejects=[Reject(delivery.topic, delivery.payload, reason, at)]))
+                self._write(writer, Parsed(rejects=[Reject(delivery.topic, delivery.payload, reason, at)]))
         return landed
