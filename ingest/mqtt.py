@@ -141,4 +141,4 @@ class Session:
         log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.deliveries.put(Delivery(msg.topic, msg.payload, msg.mid, msg.qos, self._conn, time.time()))
+        self.deliveries.put(Delivery(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._conn, time.time()))

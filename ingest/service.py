@@ -40,6 +40,7 @@ from ingest.mqtt import Delivery, Session
 log = logging.getLogger("ingest")
 
 STATS_INTERVAL_S = 60.0
+RETENTION_INTERVAL_S = 3600.0
 BACKOFF_MAX_S = 30.0
 
 
@@ -93,9 +94,13 @@ class Ingest:
         for committer in committers:
             committer.start()
         last_stats = time.monotonic()
+        last_retention = -RETENTION_INTERVAL_S
         while not self._stop.wait(1.0):
             if not all(c.is_alive() for c in committers):
                 break
+            if self.cfg.ingest.retention_days and time.monotonic() - last_retention >= RETENTION_INTERVAL_S:
+                last_retention = time.monotonic()
+                self._retention()
             if time.monotonic() - last_stats >= STATS_INTERVAL_S:
                 last_stats = time.monotonic()
                 log.info("messages=%d events=%d landed=%d rejects=%d",
@@ -110,6 +115,19 @@ class Ingest:
         log.info("stopped: messages=%d events=%d landed=%d rejects=%d",
                  self.messages, self.events, self.landed, self.rejected)
         return 0
+
+    def _retention(self) -> None:
+        """Drop the day partitions past `retention_days` (on a connection of its own)."""
+        keeper = Writer(self.writers[0].dsn)
+        try:
+            keeper.open()
+            dropped = keeper.drop_older_than(self.cfg.ingest.retention_days, datetime.now(UTC).date())
+            if dropped:
+                log.info("retention: dropped %s", ", ".join(dropped))
+        except psycopg.Error as exc:
+            log.warning("retention: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        finally:
+            keeper.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: finishing the batch in hand, then stopping", signum)

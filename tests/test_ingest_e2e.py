@@ -20,7 +20,13 @@ import pytest
 from ingest import db as ingest_db
 from ingest.gaps import Gap, seq_gaps
 from tests.support.fleet import Publisher, SimAgent
-from tests.support.ingestproc import STORE_AGENT_INGEST, IngestProcess, landed_count, query, write_ingest_config
+from tests.support.ingestproc import (
+    STORE_AGENT_INGEST,
+    IngestProcess,
+    landed_count,
+    query,
+    write_ingest_config,
+)
 from tests.support.mosquitto import Mosquitto
 from tests.support.pg import scratch_database
 from tests.support.wait import wait_until
@@ -266,3 +272,24 @@ def test_env_overrides_the_file_and_an_unreachable_database_exits_1(tmp_path: Pa
     ingest = IngestProcess(tmp_path, config, env={"STORE_AGENT_INGEST__INGEST__DSN": pgdb}).start()
     ingest.wait_subscribed()
     assert ingest.stop() == 0
+
+
+def test_retention_drops_old_days_and_their_ids(pgdb: str) -> None:
+    from datetime import date
+
+    from ingest.envelope import Parsed, parse_message
+
+    agent = SimAgent("acme", "s1", "a1")
+    old, new = agent.events(3, now_ms=1_700_000_000_000), agent.events(2, now_ms=1_800_000_000_000)  # 2023, 2027
+    parsed = Parsed()
+    parse_message(agent.topic(), agent.payload(old + new), "retail", "2026-12-08T00:00:00Z", parsed)
+    writer = ingest_db.Writer(pgdb)
+    writer.open()
+    try:
+        assert writer.write(parsed.rows.values(), parsed.days, parsed.rejects) == 5
+        dropped = writer.drop_older_than(30, date(2027, 1, 20))
+        assert "ingest_events_20231114" in dropped and "ingest_events_20270115" not in dropped
+        assert [s for (s,) in query(pgdb, "SELECT seq FROM store_events ORDER BY seq")] == [4, 5]
+        assert query(pgdb, "SELECT count(*) FROM ingest_event_ids") == [(2,)]
+    finally:
+        writer.close()
