@@ -293,3 +293,10 @@ def test_retention_drops_old_days_and_their_ids(pgdb: str) -> None:
         assert query(pgdb, "SELECT count(*) FROM ingest_event_ids") == [(2,)]
     finally:
         writer.close()
+
+
+def test_the_example_config_is_valid(tmp_path: Path) -> None:
+    from ingest.config import load
+
+    cfg = load(Path(__file__).resolve().parent.parent / "config" / "ingest.toml")
+    assert cfg.ingest.group == "ingest" and cfg.mqtt.tls and cfg.ingest.dsn_file is not None
