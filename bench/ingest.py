@@ -14,8 +14,8 @@ tests/support/fleet.py) before the clock starts. For each instance count:
   the clock runs from the instances' restart until every event landed: the ingest's own rate,
   without the publishers competing for the CPU.
 
-Prints events/s landed, the ingest processes' CPU per event (user+system from /proc/PID/stat)
-and their PostgreSQL backends' CPU per event. Landing is polled once a second with count(*),
+Prints events/s landed, the ingest processes' CPU per event (user+system from /proc/PID/stat),
+their PostgreSQL backends' and mosquitto's, and the load average (the machine may be shared). Landing is polled once a second with count(*),
 so a figure can be up to a second pessimistic; backends are counted from when first seen (polled
 every 0.25 s). Nothing is asserted.
 """
@@ -120,6 +120,8 @@ def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) ->
             start_all()
         with psycopg.connect(dsn, autocommit=True) as conn:
             cpu0 = {p.pid: cpu_seconds(p.pid) for p in procs}
+            assert broker.proc is not None
+            broker_cpu0 = cpu_seconds(broker.proc.pid)
             started = time.monotonic()
             go.set()
             backends: dict[int, float] = {}
@@ -136,6 +138,7 @@ def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) ->
                     landed = conn.execute("SELECT count(*) FROM ingest_event_ids").fetchone()[0]  # type: ignore[index]
             elapsed = time.monotonic() - started
             ingest_cpu = sum(cpu_seconds(p.pid) - cpu0[p.pid] for p in procs)
+            broker_cpu = cpu_seconds(broker.proc.pid) - broker_cpu0
             pg_cpu = sum(backend_cpu[pid] - backends[pid] for pid in backends)
             rows = conn.execute("SELECT count(*), count(DISTINCT id) FROM store_events").fetchone()
         pub_rate = []
@@ -151,7 +154,9 @@ def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) ->
         print(f"{mode:7s} instances={instances} events={total} landed={rows[0]} distinct={rows[1]} "  # type: ignore[index]
               f"in {elapsed:.1f} s: {landed / elapsed:,.0f} events/s; ingest CPU {ingest_cpu / landed * 1e6:.1f} µs/event"
               f" ({ingest_cpu / elapsed * 100:.0f}% of a core), PostgreSQL backends {pg_cpu / landed * 1e6:.1f} µs/event"
-              + (f"; publishers {sum(pub_rate):,.0f} events/s" if pub_rate and mode == "live" else ""),
+              f" ({pg_cpu / elapsed * 100:.0f}%), mosquitto {broker_cpu / landed * 1e6:.1f} µs/event"
+              f" ({broker_cpu / elapsed * 100:.0f}%); load average {os.getloadavg()[0]:.1f}"
+              + f" [{len(backends)} backends]" + (f"; publishers {sum(pub_rate):,.0f} events/s" if pub_rate and mode == "live" else ""),
               flush=True)
 
 

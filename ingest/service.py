@@ -26,6 +26,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
@@ -68,6 +69,7 @@ class Ingest:
         self.session = Session(cfg, self.deliveries)
         dsn = cfg.dsn()
         self.writers = [Writer(dsn) for _ in range(n)]
+        self._failed: str | None = None
         self._acked = threading.Condition()
         self._next_ack = 0
         self._stop = threading.Event()
@@ -87,9 +89,9 @@ class Ingest:
                 writer.close()
             return 0
         self.session.start()
-        batcher = threading.Thread(target=self._batch_loop, name="ingest-batch", daemon=True)
+        batcher = threading.Thread(target=self._guard(self._batch_loop), name="ingest-batch", daemon=True)
         batcher.start()
-        committers = [threading.Thread(target=self._commit_loop, args=(w,), name=f"ingest-commit-{i}", daemon=True)
+        committers = [threading.Thread(target=self._guard(self._commit_loop), args=(w,), name=f"ingest-commit-{i}", daemon=True)
                       for i, w in enumerate(self.writers)]
         for committer in committers:
             committer.start()
@@ -114,7 +116,30 @@ class Ingest:
             writer.close()
         log.info("stopped: messages=%d events=%d landed=%d rejects=%d",
                  self.messages, self.events, self.landed, self.rejected)
+        if self._failed:
+            raise RuntimeError(self._failed)
         return 0
+
+    def _guard(self, target: Callable[..., None]) -> Callable[..., None]:
+        """A thread's body that, should it fail, stops the whole ingest (exit 1) instead of dying alone."""
+
+        def body(*args: object) -> None:
+            try:
+                target(*args)
+            except Exception as exc:
+                log.error("%s failed", threading.current_thread().name, exc_info=exc)
+                self._failed = f"{threading.current_thread().name}: {type(exc).__name__}: {exc}"
+                self._stop.set()
+                with self._acked:  # wake committers waiting for their turn to ack
+                    self._next_ack = -1
+                    self._acked.notify_all()
+                for _ in self.writers:  # and those waiting for a batch
+                    try:
+                        self.batches.put_nowait(None)
+                    except queue.Full:
+                        pass
+
+        return body
 
     def _retention(self) -> None:
         """Drop the day partitions past `retention_days` (on a connection of its own)."""
@@ -154,10 +179,19 @@ class Ingest:
                     except queue.Empty:
                         break
                     self._add(batch, delivery)
-                self.batches.put(batch)
+                self._put(batch)
         finally:
             for _ in self.writers:
-                self.batches.put(None)
+                self._put(None)
+
+    def _put(self, item: Batch | None) -> None:
+        """Hand a batch (or the end) to the commit threads, unless the ingest has failed."""
+        while self._failed is None:
+            try:
+                self.batches.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def _add(self, batch: Batch, delivery: Delivery) -> None:
         batch.deliveries.append(delivery)
@@ -171,6 +205,8 @@ class Ingest:
             committed = self._commit(writer, batch)
             with self._acked:  # acknowledge in the order the batches were made
                 while self._next_ack != batch.number:
+                    if self._next_ack < 0:  # the ingest failed: nothing more is acknowledged
+                        return
                     self._acked.wait()
                 if committed:
                     self.session.ack(batch.deliveries)

@@ -300,3 +300,26 @@ def test_the_example_config_is_valid(tmp_path: Path) -> None:
 
     cfg = load(Path(__file__).resolve().parent.parent / "config" / "ingest.toml")
     assert cfg.ingest.group == "ingest" and cfg.mqtt.tls and cfg.ingest.dsn_file is not None
+
+
+def test_a_message_postgresql_refuses_is_kept_whole_and_the_rest_lands(tmp_path: Path, broker: Mosquitto,
+                                                                       pgdb: str) -> None:
+    ingest = IngestProcess(tmp_path, write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb, "ingest-1",
+                                                         batch_wait_ms=500)).start()
+    ingest.wait_subscribed()
+    # a database rule the envelope checks cannot know about: it refuses one event
+    query(pgdb, """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+                   BEGIN IF NEW.data ? 'poison' THEN RAISE EXCEPTION 'poisoned' USING ERRCODE = '22000'; END IF;
+                   RETURN NEW; END $$""")
+    query(pgdb, "CREATE TRIGGER refuse_poison BEFORE INSERT ON ingest_events FOR EACH ROW EXECUTE FUNCTION refuse_poison()")
+    agents = [SimAgent("acme", "s1", f"a{i}", seed=i) for i in range(3)]
+    messages = [(a.topic(), a.payload(a.events(20))) for a in agents]
+    poisoned = agents[1].events(1)
+    poisoned[0]["data"] = {"poison": True}
+    bad = (agents[1].topic(), agents[1].payload(poisoned))
+    _send(broker.port, [messages[0], bad, messages[1], messages[2]])
+    assert wait_until(lambda: landed_count(pgdb) == 60, 20), ingest.tail()
+    assert wait_until(lambda: query(pgdb, "SELECT count(*) FROM store_ingest_rejects") == [(1,)], 20), ingest.tail()
+    [(topic, payload, reason)] = query(pgdb, "SELECT topic, payload, reason FROM store_ingest_rejects")
+    assert (topic, bytes(payload)) == bad and "database refused it" in reason and "poisoned" in reason
+    assert ingest.stop() == 0, ingest.tail()

@@ -69,8 +69,10 @@ class IngestProcess:
 
 
 def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement in its own connection; its rows ([] for a statement that returns none)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        cur = conn.execute(sql, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description is not None else []
 
 
 def landed_count(dsn: str) -> int:
