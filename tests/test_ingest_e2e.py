@@ -133,6 +133,7 @@ def test_broker_restarted_under_load(tmp_path: Path, pgdb: str) -> None:
 
         assert wait_until(probe_landed, 30, interval=0.5), ingest.tail()
         expected.add(("probe", 1))
+        assert "(resumed session)" in ingest.tail(), ingest.tail()  # its backlog survived the restart
         pub.send_all(after)
         assert wait_until(lambda: landed_count(pgdb) >= len(expected), 40), (landed_count(pgdb), ingest.tail())
         assert_landed_once(pgdb, expected)
