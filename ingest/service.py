@@ -242,7 +242,7 @@ class Ingest:
         return True
 
     def _write(self, writer: Writer, parsed: Parsed) -> int:
-        return writer.write(parsed.rows.values(), parsed.days, parsed.rejects)
+        return writer.write(parsed.rows, parsed.days, parsed.rejects)
 
     def _write_one_by_one(self, writer: Writer, batch: Batch) -> int:
         landed = 0

@@ -287,7 +287,7 @@ def test_retention_drops_old_days_and_their_ids(pgdb: str) -> None:
     writer = ingest_db.Writer(pgdb)
     writer.open()
     try:
-        assert writer.write(parsed.rows.values(), parsed.days, parsed.rejects) == 5
+        assert writer.write(parsed.rows, parsed.days, parsed.rejects) == 5
         dropped = writer.drop_older_than(30, date(2027, 1, 20))
         assert "ingest_events_20231114" in dropped and "ingest_events_20270115" not in dropped
         assert [s for (s,) in query(pgdb, "SELECT seq FROM store_events ORDER BY seq")] == [4, 5]
