@@ -41,7 +41,9 @@ from tests.support.mosquitto import Mosquitto  # noqa: E402
 from tests.support.pg import scratch_database  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-INGEST = str(ROOT / ".venv" / "bin" / "store-agent-ingest") if (ROOT / ".venv").exists() else STORE_AGENT_INGEST
+INGEST = (
+    str(ROOT / ".venv" / "bin" / "store-agent-ingest") if (ROOT / ".venv").exists() else STORE_AGENT_INGEST
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BATCH = 500
 
@@ -55,11 +57,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def publisher(port: int, index: int, agents: int, batches_each: int, ready: mp.Event, go: mp.Event,
-              done: mp.Queue) -> None:
+def publisher(
+    port: int, index: int, agents: int, batches_each: int, ready: mp.Event, go: mp.Event, done: mp.Queue
+) -> None:
     """One publisher process: build every payload first, then send them all when told."""
-    sims = [SimAgent("acme", f"s{(index * agents + i) % 97:03d}", f"p{index}-a{i}", seed=index * 1000 + i)
-            for i in range(agents)]
+    sims = [
+        SimAgent("acme", f"s{(index * agents + i) % 97:03d}", f"p{index}-a{i}", seed=index * 1000 + i)
+        for i in range(agents)
+    ]
     messages = [(a.topic(), a.payload(a.events(BATCH))) for _ in range(batches_each) for a in sims]
     pub = Publisher(port, f"bench-pub-{index}", inflight=100)
     ready.set()
@@ -85,15 +90,25 @@ def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) ->
     broker = Mosquitto(work / f"mq-{instances}-{mode}").start()
     with scratch_database("ingest_bench") as dsn:
         procs: list[subprocess.Popen[bytes]] = []
-        configs = [write_ingest_config(work / f"i{n}-{instances}-{mode}.toml", broker.port, dsn, f"bench-ingest-{n}",
-                                       batch_wait_ms=50) for n in range(instances)]
+        configs = [
+            write_ingest_config(
+                work / f"i{n}-{instances}-{mode}.toml",
+                broker.port,
+                dsn,
+                f"bench-ingest-{n}",
+                batch_wait_ms=50,
+            )
+            for n in range(instances)
+        ]
         logs = [c.with_suffix(".log") for c in configs]
 
         def start_all() -> None:
             procs.clear()
             for config, log in zip(configs, logs, strict=True):
                 with open(log, "ab") as fh:
-                    procs.append(subprocess.Popen([INGEST, "run", "--config", str(config)], stdout=fh, stderr=fh))
+                    procs.append(
+                        subprocess.Popen([INGEST, "run", "--config", str(config)], stdout=fh, stderr=fh)
+                    )
 
         start_all()
         for log in logs:
@@ -104,8 +119,10 @@ def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) ->
         ready = [mp.Event() for _ in range(args.publishers)]
         go = mp.Event()
         done: mp.Queue = mp.Queue()
-        pubs = [mp.Process(target=publisher, args=(broker.port, i, per_pub, batches_each, ready[i], go, done))
-                for i in range(args.publishers)]
+        pubs = [
+            mp.Process(target=publisher, args=(broker.port, i, per_pub, batches_each, ready[i], go, done))
+            for i in range(args.publishers)
+        ]
         for p in pubs:
             p.start()
         for r in ready:
@@ -130,8 +147,9 @@ def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) ->
             while landed < total and time.monotonic() - started < 600:
                 time.sleep(0.25)
                 tick += 1
-                for (pid,) in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = "
-                                           "'store-agent-ingest'").fetchall():
+                for (pid,) in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'store-agent-ingest'"
+                ).fetchall():
                     backends.setdefault(pid, cpu_seconds(pid))
                 backend_cpu = {pid: cpu_seconds(pid) for pid in backends}
                 if tick % 4 == 0:
@@ -151,13 +169,16 @@ def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) ->
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
         broker.stop()
-        print(f"{mode:7s} instances={instances} events={total} landed={rows[0]} distinct={rows[1]} "  # type: ignore[index]
-              f"in {elapsed:.1f} s: {landed / elapsed:,.0f} events/s; ingest CPU {ingest_cpu / landed * 1e6:.1f} µs/event"
-              f" ({ingest_cpu / elapsed * 100:.0f}% of a core), PostgreSQL backends {pg_cpu / landed * 1e6:.1f} µs/event"
-              f" ({pg_cpu / elapsed * 100:.0f}%), mosquitto {broker_cpu / landed * 1e6:.1f} µs/event"
-              f" ({broker_cpu / elapsed * 100:.0f}%); load average {os.getloadavg()[0]:.1f}"
-              + f" [{len(backends)} backends]" + (f"; publishers {sum(pub_rate):,.0f} events/s" if pub_rate and mode == "live" else ""),
-              flush=True)
+        print(
+            f"{mode:7s} instances={instances} events={total} landed={rows[0]} distinct={rows[1]} "  # type: ignore[index]
+            f"in {elapsed:.1f} s: {landed / elapsed:,.0f} events/s; ingest CPU {ingest_cpu / landed * 1e6:.1f} µs/event"
+            f" ({ingest_cpu / elapsed * 100:.0f}% of a core), PostgreSQL backends {pg_cpu / landed * 1e6:.1f} µs/event"
+            f" ({pg_cpu / elapsed * 100:.0f}%), mosquitto {broker_cpu / landed * 1e6:.1f} µs/event"
+            f" ({broker_cpu / elapsed * 100:.0f}%); load average {os.getloadavg()[0]:.1f}"
+            + f" [{len(backends)} backends]"
+            + (f"; publishers {sum(pub_rate):,.0f} events/s" if pub_rate and mode == "live" else ""),
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -169,7 +190,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=["live", "backlog"], nargs="+", default=["backlog", "live"])
     args = parser.parse_args()
     print_machine()
-    print(f"batches of {BATCH} envelopes, {args.agents} agents in {args.publishers} publisher processes", flush=True)
+    print(
+        f"batches of {BATCH} envelopes, {args.agents} agents in {args.publishers} publisher processes",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         for mode in args.mode:
             for n in args.instances:

@@ -58,25 +58,33 @@ def main() -> None:
         writer.open()
         assert writer.conn is not None
         pid = writer.conn.info.backend_pid
-        cases = [("new ids (fast path)", batches), ("all duplicates (staging path)", batches),
-                 ("new ids but one duplicate a batch (staging path)", mixed)]
+        cases = [
+            ("new ids (fast path)", batches),
+            ("all duplicates (staging path)", batches),
+            ("new ids but one duplicate a batch (staging path)", mixed),
+        ]
         for label, runs in cases:
             cpu0, started, n, landed = cpu_seconds(pid), time.perf_counter(), 0, 0
             for out in runs:
                 landed += writer.write(out.rows, out.days, out.rejects)
                 n += len(out.rows)
             elapsed = time.perf_counter() - started
-            print(f"{label}: {n} events in batches of {len(batches[0].rows)}, {landed} landed, "
-                  f"{n / elapsed:,.0f} events/s; backend CPU {(cpu_seconds(pid) - cpu0) / n * 1e6:.1f} µs/event",
-                  flush=True)
+            print(
+                f"{label}: {n} events in batches of {len(batches[0].rows)}, {landed} landed, "
+                f"{n / elapsed:,.0f} events/s; backend CPU {(cpu_seconds(pid) - cpu0) / n * 1e6:.1f} µs/event",
+                flush=True,
+            )
         writer.close()
         with psycopg.connect(dsn) as conn:
             heap, indexes = conn.execute(
                 "SELECT sum(pg_table_size(inhrelid)), sum(pg_indexes_size(inhrelid)) FROM pg_inherits "
-                "WHERE inhparent = 'ingest_events'::regclass").fetchone()  # type: ignore[misc]
+                "WHERE inhparent = 'ingest_events'::regclass"
+            ).fetchone()  # type: ignore[misc]
             ledger = conn.execute("SELECT pg_total_relation_size('ingest_event_ids')").fetchone()[0]  # type: ignore[index]
             n = conn.execute("SELECT count(*) FROM ingest_events").fetchone()[0]  # type: ignore[index]
-        print(f"storage per event: heap+toast {heap / n:.0f} B, indexes {indexes / n:.0f} B, id ledger {ledger / n:.0f} B")
+        print(
+            f"storage per event: heap+toast {heap / n:.0f} B, indexes {indexes / n:.0f} B, id ledger {ledger / n:.0f} B"
+        )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ app = typer.Typer(
 
 ConfigOption = Annotated[
     str | None,
-    typer.Option("--config", "-c",
-                 help="ingest.toml (else $STORE_AGENT_INGEST_CONFIG, else /etc/store-agent/ingest.toml)"),
+    typer.Option(
+        "--config",
+        "-c",
+        help="ingest.toml (else $STORE_AGENT_INGEST_CONFIG, else /etc/store-agent/ingest.toml)",
+    ),
 ]
 
 

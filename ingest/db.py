@@ -97,7 +97,9 @@ CREATE TEMPORARY TABLE IF NOT EXISTS ingest_stage (
     ts timestamptz, data jsonb, received_at timestamptz
 ) ON COMMIT DELETE ROWS
 """
-_COPY_EVENTS = "COPY ingest_events (id, tenant, store, agent, seq, type, source, ts, data, received_at) FROM STDIN"
+_COPY_EVENTS = (
+    "COPY ingest_events (id, tenant, store, agent, seq, type, source, ts, data, received_at) FROM STDIN"
+)
 _LAND = """
 WITH fresh AS (
     INSERT INTO ingest_event_ids (id) SELECT id FROM ingest_stage ORDER BY id ON CONFLICT DO NOTHING RETURNING id
@@ -221,7 +223,9 @@ class Writer:
                     cur.execute(_LAND)
                     landed = cur.rowcount
             if rejects:
-                with cur.copy("COPY store_ingest_rejects (received_at, topic, payload, reason) FROM STDIN") as copy:
+                with cur.copy(
+                    "COPY store_ingest_rejects (received_at, topic, payload, reason) FROM STDIN"
+                ) as copy:
                     for reject in rejects:
                         copy.write_row((reject.received_at, reject.topic, reject.payload, reject.reason))
         return landed

@@ -27,9 +27,7 @@ import orjson
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # RFC 3339 date-time; the offset is mandatory (a naive time is not RFC 3339)
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
-)
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 _BIGINT_MAX = (1 << 63) - 1
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -81,7 +79,7 @@ def parse_topic(topic: str, prefix: str) -> Origin:
     head = prefix + "/"
     if not topic.startswith(head):
         raise TopicError(f"topic {topic!r} is not under {prefix!r}")
-    parts = topic[len(head):].split("/")
+    parts = topic[len(head) :].split("/")
     if len(parts) < 4 or parts[3] != "up" or not all(parts[:3]):
         raise TopicError(f"topic {topic!r} is not {prefix}/tenant/store/agent/up/stream")
     return Origin.of(parts[0], parts[1], parts[2])
@@ -112,7 +110,9 @@ def parse_message(topic: str, payload: bytes, prefix: str, received_at: str, out
         return
     agent = batch.get("agent", origin.agent)
     if agent != origin.agent:
-        out.rejects.append(Reject(topic, payload, "not a batch: its `agent` differs from the topic's", received_at))
+        out.rejects.append(
+            Reject(topic, payload, "not a batch: its `agent` differs from the topic's", received_at)
+        )
         return
     spans: list[tuple[int, int]] | None = None
     rows = out.rows
@@ -225,7 +225,7 @@ def element_spans(payload: bytes) -> list[tuple[int, int]]:
             while payload[j] != 0x22:
                 j += 2 if payload[j] == 0x5C else 1
             if depth == 1:
-                key = payload[i:j + 1]
+                key = payload[i : j + 1]
             elif in_events and depth == 2 and element_start is None:
                 element_start = i
             i = j + 1

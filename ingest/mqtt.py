@@ -92,7 +92,11 @@ class Session:
         props.SessionExpiryInterval = self.cfg.ingest.session_expiry_s
         props.ReceiveMaximum = self.cfg.ingest.receive_maximum
         self.client.connect_async(
-            self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive_s, clean_start=False, properties=props
+            self.cfg.mqtt.host,
+            self.cfg.mqtt.port,
+            self.cfg.mqtt.keepalive_s,
+            clean_start=False,
+            properties=props,
         )
         self.client.loop_start()
 
@@ -122,8 +126,13 @@ class Session:
         with self._lock:
             self._conn += 1
         session = "resumed" if flags.session_present else "new"
-        log.info("connected to %s:%d (%s session); subscribing to %s",
-                 self.cfg.mqtt.host, self.cfg.mqtt.port, session, self.topic)
+        log.info(
+            "connected to %s:%d (%s session); subscribing to %s",
+            self.cfg.mqtt.host,
+            self.cfg.mqtt.port,
+            session,
+            self.topic,
+        )
         client.subscribe(self.topic, qos=1)
         self.connected.set()
 
@@ -141,4 +150,6 @@ class Session:
         log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.deliveries.put(Delivery(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._conn, time.time()))
+        self.deliveries.put(
+            Delivery(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._conn, time.time())
+        )

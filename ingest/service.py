@@ -91,8 +91,12 @@ class Ingest:
         self.session.start()
         batcher = threading.Thread(target=self._guard(self._batch_loop), name="ingest-batch", daemon=True)
         batcher.start()
-        committers = [threading.Thread(target=self._guard(self._commit_loop), args=(w,), name=f"ingest-commit-{i}", daemon=True)
-                      for i, w in enumerate(self.writers)]
+        committers = [
+            threading.Thread(
+                target=self._guard(self._commit_loop), args=(w,), name=f"ingest-commit-{i}", daemon=True
+            )
+            for i, w in enumerate(self.writers)
+        ]
         for committer in committers:
             committer.start()
         last_stats = time.monotonic()
@@ -105,8 +109,13 @@ class Ingest:
                 self._retention()
             if time.monotonic() - last_stats >= STATS_INTERVAL_S:
                 last_stats = time.monotonic()
-                log.info("messages=%d events=%d landed=%d rejects=%d",
-                         self.messages, self.events, self.landed, self.rejected)
+                log.info(
+                    "messages=%d events=%d landed=%d rejects=%d",
+                    self.messages,
+                    self.events,
+                    self.landed,
+                    self.rejected,
+                )
         self._stop.set()
         batcher.join()
         for committer in committers:
@@ -114,8 +123,13 @@ class Ingest:
         self.session.stop()
         for writer in self.writers:
             writer.close()
-        log.info("stopped: messages=%d events=%d landed=%d rejects=%d",
-                 self.messages, self.events, self.landed, self.rejected)
+        log.info(
+            "stopped: messages=%d events=%d landed=%d rejects=%d",
+            self.messages,
+            self.events,
+            self.landed,
+            self.rejected,
+        )
         if self._failed:
             raise RuntimeError(self._failed)
         return 0
@@ -175,7 +189,9 @@ class Ingest:
                 while len(batch.parsed.rows) < limit:
                     left = deadline - time.monotonic()
                     try:
-                        delivery = self.deliveries.get(timeout=left) if left > 0 else self.deliveries.get_nowait()
+                        delivery = (
+                            self.deliveries.get(timeout=left) if left > 0 else self.deliveries.get_nowait()
+                        )
                     except queue.Empty:
                         break
                     self._add(batch, delivery)
@@ -195,7 +211,9 @@ class Ingest:
 
     def _add(self, batch: Batch, delivery: Delivery) -> None:
         batch.deliveries.append(delivery)
-        parse_message(delivery.topic, delivery.payload, self.prefix, stamp(delivery.received_at), batch.parsed)
+        parse_message(
+            delivery.topic, delivery.payload, self.prefix, stamp(delivery.received_at), batch.parsed
+        )
 
     def _commit_loop(self, writer: Writer) -> None:
         while True:
@@ -221,8 +239,11 @@ class Ingest:
                 landed = self._write(writer, batch.parsed)
                 break
             except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
-                log.error("PostgreSQL refused a batch of %d messages: %s; landing them one by one",
-                          len(batch.deliveries), str(exc).splitlines()[0])
+                log.error(
+                    "PostgreSQL refused a batch of %d messages: %s; landing them one by one",
+                    len(batch.deliveries),
+                    str(exc).splitlines()[0],
+                )
                 landed = self._write_one_by_one(writer, batch)
                 break
             except psycopg.Error as exc:

@@ -41,7 +41,9 @@ def pgdb() -> Iterator[str]:
         pytest.fail(f"no PostgreSQL on 127.0.0.1:5432 (scripts/setup.sh starts one): {exc}")
 
 
-def fleet(n_agents: int, batches: int, size: int, seed: int = 1) -> tuple[list[tuple[str, bytes]], set[tuple[str, int]]]:
+def fleet(
+    n_agents: int, batches: int, size: int, seed: int = 1
+) -> tuple[list[tuple[str, bytes]], set[tuple[str, int]]]:
     """Messages from `n_agents` simulated agents, interleaved, and the (agent, seq) set they carry."""
     agents = [SimAgent("acme", f"s{i % 3}", f"a{i}", seed=seed + i) for i in range(n_agents)]
     per_agent = [[(a.topic(), a.payload(a.events(size))) for _ in range(batches)] for a in agents]
@@ -63,8 +65,12 @@ def test_two_instances_one_killed_mid_stream(tmp_path: Path, broker: Mosquitto, 
     rng = random.Random(7)
     messages += rng.sample(messages, 20)  # duplicates injected: whole messages sent twice
     rng.shuffle(messages)
-    one = IngestProcess(tmp_path, write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb, "ingest-1")).start()
-    two = IngestProcess(tmp_path, write_ingest_config(tmp_path / "i2.toml", broker.port, pgdb, "ingest-2")).start()
+    one = IngestProcess(
+        tmp_path, write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb, "ingest-1")
+    ).start()
+    two = IngestProcess(
+        tmp_path, write_ingest_config(tmp_path / "i2.toml", broker.port, pgdb, "ingest-2")
+    ).start()
     one.wait_subscribed()
     two.wait_subscribed()
     pub = Publisher(broker.port, "fleet-pub")
@@ -78,9 +84,17 @@ def test_two_instances_one_killed_mid_stream(tmp_path: Path, broker: Mosquitto, 
         with psycopg.connect(pgdb) as blocker:
             blocker.execute("LOCK TABLE ingest_event_ids IN EXCLUSIVE MODE")
             sender.start()
-            assert wait_until(lambda: query(
-                pgdb, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'store-agent-ingest' "
-                      "AND wait_event_type = 'Lock'") == [(2,)], 20), one.tail() + two.tail()
+            assert wait_until(
+                lambda: (
+                    query(
+                        pgdb,
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'store-agent-ingest' "
+                        "AND wait_event_type = 'Lock'",
+                    )
+                    == [(2,)]
+                ),
+                20,
+            ), one.tail() + two.tail()
             one.kill9()  # mid-stream: whatever it had received and not acknowledged stays in its session
             blocker.rollback()
         subscribed = one.subscriptions()
@@ -112,8 +126,9 @@ def test_broker_restarted_under_load(tmp_path: Path, pgdb: str) -> None:
             agent.seq = 50 * 50
         after = [(a.topic(), a.payload(a.events(50))) for _ in range(5) for a in agents]
         expected = expected_before | {(a.agent, s) for a in agents for s in range(2501, a.seq + 1)}
-        config = write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb, "ingest-1",
-                                     "receive_maximum = 2\nbatch_events = 200\n")
+        config = write_ingest_config(
+            tmp_path / "i1.toml", broker.port, pgdb, "ingest-1", "receive_maximum = 2\nbatch_events = 200\n"
+        )
         ingest = IngestProcess(tmp_path, config).start()
         ingest.wait_subscribed()
         pub = Publisher(broker.port, "fleet-pub")
@@ -135,7 +150,10 @@ def test_broker_restarted_under_load(tmp_path: Path, pgdb: str) -> None:
         expected.add(("probe", 1))
         assert "(resumed session)" in ingest.tail(), ingest.tail()  # its backlog survived the restart
         pub.send_all(after)
-        assert wait_until(lambda: landed_count(pgdb) >= len(expected), 40), (landed_count(pgdb), ingest.tail())
+        assert wait_until(lambda: landed_count(pgdb) >= len(expected), 40), (
+            landed_count(pgdb),
+            ingest.tail(),
+        )
         assert_landed_once(pgdb, expected)
         pub.close()
         assert ingest.stop() == 0, ingest.tail()
@@ -152,15 +170,25 @@ def _send(port: int, messages: list[tuple[str, bytes]]) -> None:
 
 
 def _env(n: int, agent: str = "a1", **over: Any) -> dict[str, Any]:
-    e = {"id": f"0193a5f0-7c1e-7d2a-9b1f-{agent.encode().hex():0>6}{n:06x}", "seq": n,
-         "ts": "2026-11-23T08:15:02.125Z", "type": "pos.sale", "source": "pos:front-1", "tenant": "acme",
-         "store": "s1", "agent": agent, "data": {"n": n}}
+    e = {
+        "id": f"0193a5f0-7c1e-7d2a-9b1f-{agent.encode().hex():0>6}{n:06x}",
+        "seq": n,
+        "ts": "2026-11-23T08:15:02.125Z",
+        "type": "pos.sale",
+        "source": "pos:front-1",
+        "tenant": "acme",
+        "store": "s1",
+        "agent": agent,
+        "data": {"n": n},
+    }
     e.update(over)
     return e
 
 
 def test_malformed_payloads_duplicates_and_gaps(tmp_path: Path, broker: Mosquitto, pgdb: str) -> None:
-    ingest = IngestProcess(tmp_path, write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb, "ingest-1")).start()
+    ingest = IngestProcess(
+        tmp_path, write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb, "ingest-1")
+    ).start()
     ingest.wait_subscribed()
     topic = "retail/acme/s1/a1/up/pos"
     first = orjson.dumps({"agent": "a1", "events": [_env(n) for n in (1, 2, 3, 6, 7)]})
@@ -168,47 +196,98 @@ def test_malformed_payloads_duplicates_and_gaps(tmp_path: Path, broker: Mosquitt
     assert wait_until(lambda: landed_count(pgdb) == 5, 20), ingest.tail()
     received_first = query(pgdb, "SELECT id, received_at, data FROM store_events ORDER BY seq")
 
-    bad_texts = [orjson.dumps(_env(8, id="not-a-uuid")).decode(),
-                 '{"id": "0193a5f0-7c1e-7d2a-9b1f-000000000009",\n "seq": "9"}',
-                 orjson.dumps(_env(10, ts="2026-11-23 08:15:02")).decode(),
-                 orjson.dumps(_env(11, store="s2")).decode()]
-    mixed = ('{"agent": "a1", "events": [' + ", ".join([orjson.dumps(_env(12)).decode(), *bad_texts,
-             orjson.dumps(_env(3, data={"n": "changed"})).decode()]) + "]}").encode()
-    not_batches = [(topic, b"\x00\xffnot json"), (topic, b'{"events": "no"}'),
-                   (topic, orjson.dumps({"agent": "a9", "events": [_env(13)]}))]
+    bad_texts = [
+        orjson.dumps(_env(8, id="not-a-uuid")).decode(),
+        '{"id": "0193a5f0-7c1e-7d2a-9b1f-000000000009",\n "seq": "9"}',
+        orjson.dumps(_env(10, ts="2026-11-23 08:15:02")).decode(),
+        orjson.dumps(_env(11, store="s2")).decode(),
+    ]
+    mixed = (
+        '{"agent": "a1", "events": ['
+        + ", ".join(
+            [
+                orjson.dumps(_env(12)).decode(),
+                *bad_texts,
+                orjson.dumps(_env(3, data={"n": "changed"})).decode(),
+            ]
+        )
+        + "]}"
+    ).encode()
+    not_batches = [
+        (topic, b"\x00\xffnot json"),
+        (topic, b'{"events": "no"}'),
+        (topic, orjson.dumps({"agent": "a9", "events": [_env(13)]})),
+    ]
     # another agent: seq 4..5 dropped by its buffer (reported at seq 6), 9 lost without a report
     a2 = [_env(n, agent="a2") for n in (1, 2, 3, 7, 8, 10)]
     a2.insert(3, _env(6, agent="a2", type="system.dropped", data={"reason": "buffer_cap", "count": 2}))
     a2_topic = "retail/acme/s1/a2/up/system"
-    _send(broker.port, [(topic, first), (topic, mixed), *not_batches, (a2_topic, orjson.dumps({"events": a2}))])
-    assert wait_until(lambda: query(pgdb, "SELECT count(*) FROM store_ingest_rejects")[0][0] == 7, 20), ingest.tail()
+    _send(
+        broker.port, [(topic, first), (topic, mixed), *not_batches, (a2_topic, orjson.dumps({"events": a2}))]
+    )
+    assert wait_until(lambda: query(pgdb, "SELECT count(*) FROM store_ingest_rejects")[0][0] == 7, 20), (
+        ingest.tail()
+    )
     assert wait_until(lambda: landed_count(pgdb) == 13, 20), ingest.tail()
 
     # first copy wins, with its received_at; the resent copies changed nothing
-    assert query(pgdb, "SELECT id, received_at, data FROM store_events WHERE agent = 'a1' AND seq <= 7 "
-                       "ORDER BY seq") == received_first
+    assert (
+        query(
+            pgdb,
+            "SELECT id, received_at, data FROM store_events WHERE agent = 'a1' AND seq <= 7 ORDER BY seq",
+        )
+        == received_first
+    )
     rejects = query(pgdb, "SELECT topic, payload, reason FROM store_ingest_rejects ORDER BY reason, payload")
     kept = sorted((bytes(p), t) for t, p, _ in rejects)
     assert kept == sorted([(t.encode(), topic) for t in bad_texts] + [(p, t) for t, p in not_batches])
     reasons = " | ".join(r for _, _, r in rejects)
-    for word in ("id is not a UUID", "seq is not an integer", "ts is not RFC 3339", "store differs",
-                 "not a batch: not JSON", "`events` is not a list", "`agent` differs"):
+    for word in (
+        "id is not a UUID",
+        "seq is not an integer",
+        "ts is not RFC 3339",
+        "store differs",
+        "not a batch: not JSON",
+        "`events` is not a list",
+        "`agent` differs",
+    ):
         assert word in reasons
 
-    gaps = query(pgdb, "SELECT tenant, store, agent, after_seq, before_seq, missing, explained "
-                       "FROM store_seq_gaps ORDER BY agent, after_seq")
-    assert gaps == [("acme", "s1", "a1", 3, 6, 2, False), ("acme", "s1", "a1", 7, 12, 4, False),
-                    ("acme", "s1", "a2", 3, 6, 2, True), ("acme", "s1", "a2", 8, 10, 1, False)]
+    gaps = query(
+        pgdb,
+        "SELECT tenant, store, agent, after_seq, before_seq, missing, explained "
+        "FROM store_seq_gaps ORDER BY agent, after_seq",
+    )
+    assert gaps == [
+        ("acme", "s1", "a1", 3, 6, 2, False),
+        ("acme", "s1", "a1", 7, 12, 4, False),
+        ("acme", "s1", "a2", 3, 6, 2, True),
+        ("acme", "s1", "a2", 8, 10, 1, False),
+    ]
     for agent in ("a1", "a2"):  # the view agrees with the pure rule
         seqs = [s for (s,) in query(pgdb, "SELECT seq FROM store_events WHERE agent = %s", agent)]
-        reports = query(pgdb, "SELECT seq, (data->>'count')::int FROM store_events "
-                              "WHERE agent = %s AND type = 'system.dropped'", agent)
+        reports = query(
+            pgdb,
+            "SELECT seq, (data->>'count')::int FROM store_events "
+            "WHERE agent = %s AND type = 'system.dropped'",
+            agent,
+        )
         assert [(g[3], g[4], g[5], g[6]) for g in gaps if g[2] == agent] == [
-            (g.after_seq, g.before_seq, g.missing, g.explained) for g in seq_gaps(seqs, reports)]
-    columns = query(pgdb, "SELECT column_name, data_type FROM information_schema.columns "
-                          "WHERE table_name = 'store_seq_gaps' ORDER BY ordinal_position")
-    assert columns[:6] == [("tenant", "text"), ("store", "text"), ("agent", "text"), ("after_seq", "bigint"),
-                           ("before_seq", "bigint"), ("missing", "bigint")]
+            (g.after_seq, g.before_seq, g.missing, g.explained) for g in seq_gaps(seqs, reports)
+        ]
+    columns = query(
+        pgdb,
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_name = 'store_seq_gaps' ORDER BY ordinal_position",
+    )
+    assert columns[:6] == [
+        ("tenant", "text"),
+        ("store", "text"),
+        ("agent", "text"),
+        ("after_seq", "bigint"),
+        ("before_seq", "bigint"),
+        ("missing", "bigint"),
+    ]
     assert ingest.stop() == 0, ingest.tail()
     assert Gap  # the rule's type, imported for the reader
 
@@ -230,30 +309,66 @@ def test_instances_starting_together_migrate_once(pgdb: str) -> None:
         t.join(30)
     assert errors == []
     assert query(pgdb, "SELECT version FROM ingest_schema") == [(1,)]
-    columns = query(pgdb, "SELECT column_name, data_type FROM information_schema.columns "
-                          "WHERE table_name = 'store_events' ORDER BY ordinal_position")
-    assert columns == [("id", "uuid"), ("tenant", "text"), ("store", "text"), ("agent", "text"), ("seq", "bigint"),
-                       ("type", "text"), ("source", "text"), ("ts", "timestamp with time zone"), ("data", "jsonb"),
-                       ("received_at", "timestamp with time zone")]
+    columns = query(
+        pgdb,
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_name = 'store_events' ORDER BY ordinal_position",
+    )
+    assert columns == [
+        ("id", "uuid"),
+        ("tenant", "text"),
+        ("store", "text"),
+        ("agent", "text"),
+        ("seq", "bigint"),
+        ("type", "text"),
+        ("source", "text"),
+        ("ts", "timestamp with time zone"),
+        ("data", "jsonb"),
+        ("received_at", "timestamp with time zone"),
+    ]
 
 
-def _run(config: Path, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+def _run(
+    config: Path, env: dict[str, str] | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([STORE_AGENT_INGEST, "run", "--config", str(config)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [STORE_AGENT_INGEST, "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize(("toml", "env", "says"), [
-    (None, {}, "no such file"),
-    ('[mqtt]\nhost = "127.0.0.1"\n[ingest]\ndsn = "x"\ncolor = 1\n', {}, "ingest.color: unknown key"),
-    ('[mqtt]\nhost = "127.0.0.1"\n[ingest]\ndsn = "x"\ndsn_file = "/y"\n', {}, "exactly one of dsn and dsn_file"),
-    ('[mqtt]\nhost = "127.0.0.1"\n[ingest]\ndsn = "x"\n', {"STORE_AGENT_INGEST__MQTT__PORT": "abc"}, "mqtt.port"),
-    ('[mqtt]\nhost = "10.1.2.3"\ntls = false\n[ingest]\ndsn = "x"\n', {}, "insecure_plaintext"),
-    ('[mqtt]\nhost = "127.0.0.1"\n[ingest]\ndsn_file = "/nonexistent/ingest.dsn"\n', {}, "cannot read secret"),
-    ("[mqtt\n", {}, "TOML syntax error"),
-])
-def test_config_errors_exit_2_with_one_line(tmp_path: Path, toml: str | None, env: dict[str, str], says: str) -> None:
+@pytest.mark.parametrize(
+    ("toml", "env", "says"),
+    [
+        (None, {}, "no such file"),
+        ('[mqtt]\nhost = "127.0.0.1"\n[ingest]\ndsn = "x"\ncolor = 1\n', {}, "ingest.color: unknown key"),
+        (
+            '[mqtt]\nhost = "127.0.0.1"\n[ingest]\ndsn = "x"\ndsn_file = "/y"\n',
+            {},
+            "exactly one of dsn and dsn_file",
+        ),
+        (
+            '[mqtt]\nhost = "127.0.0.1"\n[ingest]\ndsn = "x"\n',
+            {"STORE_AGENT_INGEST__MQTT__PORT": "abc"},
+            "mqtt.port",
+        ),
+        ('[mqtt]\nhost = "10.1.2.3"\ntls = false\n[ingest]\ndsn = "x"\n', {}, "insecure_plaintext"),
+        (
+            '[mqtt]\nhost = "127.0.0.1"\n[ingest]\ndsn_file = "/nonexistent/ingest.dsn"\n',
+            {},
+            "cannot read secret",
+        ),
+        ("[mqtt\n", {}, "TOML syntax error"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(
+    tmp_path: Path, toml: str | None, env: dict[str, str], says: str
+) -> None:
     config = tmp_path / "ingest.toml"
     if toml is not None:
         config.write_text(toml)
@@ -264,10 +379,12 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path, toml: str | None, en
     assert result.stderr.startswith(f"store-agent-ingest: {named}")  # the file at fault
 
 
-def test_env_overrides_the_file_and_an_unreachable_database_exits_1(tmp_path: Path, broker: Mosquitto,
-                                                                     pgdb: str) -> None:
-    config = write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb.replace("dbname=", "dbname=nosuch_"),
-                                 "ingest-1")
+def test_env_overrides_the_file_and_an_unreachable_database_exits_1(
+    tmp_path: Path, broker: Mosquitto, pgdb: str
+) -> None:
+    config = write_ingest_config(
+        tmp_path / "i1.toml", broker.port, pgdb.replace("dbname=", "dbname=nosuch_"), "ingest-1"
+    )
     result = _run(config)
     assert result.returncode == 1 and "cannot use PostgreSQL" in result.stderr.splitlines()[-1]
     ingest = IngestProcess(tmp_path, config, env={"STORE_AGENT_INGEST__INGEST__DSN": pgdb}).start()
@@ -281,7 +398,10 @@ def test_retention_drops_old_days_and_their_ids(pgdb: str) -> None:
     from ingest.envelope import Parsed, parse_message
 
     agent = SimAgent("acme", "s1", "a1")
-    old, new = agent.events(3, now_ms=1_700_000_000_000), agent.events(2, now_ms=1_800_000_000_000)  # 2023, 2027
+    old, new = (
+        agent.events(3, now_ms=1_700_000_000_000),
+        agent.events(2, now_ms=1_800_000_000_000),
+    )  # 2023, 2027
     parsed = Parsed()
     parse_message(agent.topic(), agent.payload(old + new), "retail", "2026-12-08T00:00:00Z", parsed)
     writer = ingest_db.Writer(pgdb)
@@ -303,16 +423,24 @@ def test_the_example_config_is_valid(tmp_path: Path) -> None:
     assert cfg.ingest.group == "ingest" and cfg.mqtt.tls and cfg.ingest.dsn_file is not None
 
 
-def test_a_message_postgresql_refuses_is_kept_whole_and_the_rest_lands(tmp_path: Path, broker: Mosquitto,
-                                                                       pgdb: str) -> None:
-    ingest = IngestProcess(tmp_path, write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb, "ingest-1",
-                                                         batch_wait_ms=500)).start()
+def test_a_message_postgresql_refuses_is_kept_whole_and_the_rest_lands(
+    tmp_path: Path, broker: Mosquitto, pgdb: str
+) -> None:
+    ingest = IngestProcess(
+        tmp_path, write_ingest_config(tmp_path / "i1.toml", broker.port, pgdb, "ingest-1", batch_wait_ms=500)
+    ).start()
     ingest.wait_subscribed()
     # a database rule the envelope checks cannot know about: it refuses one event
-    query(pgdb, """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+    query(
+        pgdb,
+        """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
                    BEGIN IF NEW.data ? 'poison' THEN RAISE EXCEPTION 'poisoned' USING ERRCODE = '22000'; END IF;
-                   RETURN NEW; END $$""")
-    query(pgdb, "CREATE TRIGGER refuse_poison BEFORE INSERT ON ingest_events FOR EACH ROW EXECUTE FUNCTION refuse_poison()")
+                   RETURN NEW; END $$""",
+    )
+    query(
+        pgdb,
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON ingest_events FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    )
     agents = [SimAgent("acme", "s1", f"a{i}", seed=i) for i in range(3)]
     messages = [(a.topic(), a.payload(a.events(20))) for a in agents]
     poisoned = agents[1].events(1)
@@ -320,7 +448,9 @@ def test_a_message_postgresql_refuses_is_kept_whole_and_the_rest_lands(tmp_path:
     bad = (agents[1].topic(), agents[1].payload(poisoned))
     _send(broker.port, [messages[0], bad, messages[1], messages[2]])
     assert wait_until(lambda: landed_count(pgdb) == 60, 20), ingest.tail()
-    assert wait_until(lambda: query(pgdb, "SELECT count(*) FROM store_ingest_rejects") == [(1,)], 20), ingest.tail()
+    assert wait_until(lambda: query(pgdb, "SELECT count(*) FROM store_ingest_rejects") == [(1,)], 20), (
+        ingest.tail()
+    )
     [(topic, payload, reason)] = query(pgdb, "SELECT topic, payload, reason FROM store_ingest_rejects")
     assert (topic, bytes(payload)) == bad and "database refused it" in reason and "poisoned" in reason
     assert ingest.stop() == 0, ingest.tail()

@@ -16,9 +16,17 @@ AT = "2026-11-23T08:15:03.000000+00:00"
 
 
 def envelope(n: int = 1, **over: object) -> dict[str, object]:
-    e: dict[str, object] = {"id": f"0193a5f0-7c1e-7d2a-9b1f-{n:012x}", "seq": n, "ts": "2026-11-23T08:15:02.125Z",
-                            "type": "pos.sale", "source": "pos:front-1", "tenant": "acme", "store": "s1",
-                            "agent": "a1", "data": {"total": 100}}
+    e: dict[str, object] = {
+        "id": f"0193a5f0-7c1e-7d2a-9b1f-{n:012x}",
+        "seq": n,
+        "ts": "2026-11-23T08:15:02.125Z",
+        "type": "pos.sale",
+        "source": "pos:front-1",
+        "tenant": "acme",
+        "store": "s1",
+        "agent": "a1",
+        "data": {"total": 100},
+    }
     e.update(over)
     return e
 
@@ -51,17 +59,30 @@ def test_a_repeated_id_keeps_the_first_copy() -> None:
 
 
 def test_not_a_batch_is_rejected_whole() -> None:
-    for payload, reason in [(b"\xff\xfe", "not JSON"), (b"[1]", "not a JSON object"), (b'{"events": 5}', "not a list"),
-                            (b'{"agent": "a2", "events": []}', "agent")]:
+    for payload, reason in [
+        (b"\xff\xfe", "not JSON"),
+        (b"[1]", "not a JSON object"),
+        (b'{"events": 5}', "not a list"),
+        (b'{"agent": "a2", "events": []}', "agent"),
+    ]:
         out = parse(payload)
         assert not out.rows and len(out.rejects) == 1
         assert out.rejects[0].payload == payload and reason in out.rejects[0].reason
 
 
 def test_bad_envelopes_are_rejected_alone_with_their_own_bytes() -> None:
-    bad = [envelope(2, id="not-a-uuid"), envelope(3, ts="2026-11-23 08:15:02"), envelope(4, seq="4"),
-           envelope(5, seq=1.5), envelope(6, tenant="other"), envelope(7, store="s2"), envelope(8, agent="a2"),
-           envelope(9, data={"x": "\u0000"}), envelope(10, ts="2026-02-30T00:00:00Z"), "a string"]
+    bad = [
+        envelope(2, id="not-a-uuid"),
+        envelope(3, ts="2026-11-23 08:15:02"),
+        envelope(4, seq="4"),
+        envelope(5, seq=1.5),
+        envelope(6, tenant="other"),
+        envelope(7, store="s2"),
+        envelope(8, agent="a2"),
+        envelope(9, data={"x": "\u0000"}),
+        envelope(10, ts="2026-02-30T00:00:00Z"),
+        "a string",
+    ]
     texts = [json.dumps(e, indent=1) for e in [envelope(1), *bad, envelope(11)]]
     payload = ('{ "agent" : "a1",\n "events" : [ ' + " ,\n ".join(texts) + " ] }").encode()
     out = parse(payload)

@@ -39,19 +39,47 @@ class SimAgent:
         self.seq += 1
         r = self.rng.random()
         if r < 0.5:
-            items = [{"sku": self.rng.choice(SKUS), "qty": self.rng.randint(1, 3),
-                      "price": self.rng.randint(99, 4999)} for _ in range(self.rng.randint(1, 4))]
+            items = [
+                {
+                    "sku": self.rng.choice(SKUS),
+                    "qty": self.rng.randint(1, 3),
+                    "price": self.rng.randint(99, 4999),
+                }
+                for _ in range(self.rng.randint(1, 4))
+            ]
             kind, source = "pos.sale", "pos:front-1"
-            data: dict[str, Any] = {"receipt": f"R{self.seq:08d}", "till": "1", "items": items,
-                                    "total": sum(i["qty"] * i["price"] for i in items), "currency": "EUR"}
+            data: dict[str, Any] = {
+                "receipt": f"R{self.seq:08d}",
+                "till": "1",
+                "items": items,
+                "total": sum(i["qty"] * i["price"] for i in items),
+                "currency": "EUR",
+            }
         elif r < 0.8:
             kind, source = "scan.read", "scanner:pickup-desk"
-            data = {"symbology": "ean13", "code": self.rng.choice(SKUS), "gs1": {"01": "0" + self.rng.choice(SKUS)}}
+            data = {
+                "symbology": "ean13",
+                "code": self.rng.choice(SKUS),
+                "gs1": {"01": "0" + self.rng.choice(SKUS)},
+            }
         else:
             kind, source = "presence.seen", "ble:hci0"
-            data = {"tag": f"tag-{self.rng.randint(1, 40)}", "rssi": -self.rng.randint(40, 90), "zone": "entrance"}
-        return {"id": self.ids.make(now_ms), "seq": self.seq, "ts": self.fmt.format(now_ms), "type": kind,
-                "source": source, "tenant": self.tenant, "store": self.store, "agent": self.agent, "data": data}
+            data = {
+                "tag": f"tag-{self.rng.randint(1, 40)}",
+                "rssi": -self.rng.randint(40, 90),
+                "zone": "entrance",
+            }
+        return {
+            "id": self.ids.make(now_ms),
+            "seq": self.seq,
+            "ts": self.fmt.format(now_ms),
+            "type": kind,
+            "source": source,
+            "tenant": self.tenant,
+            "store": self.store,
+            "agent": self.agent,
+            "data": data,
+        }
 
     def events(self, n: int, now_ms: int | None = None) -> list[dict[str, Any]]:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)

@@ -16,8 +16,9 @@ from tests.support.wait import wait_until
 STORE_AGENT_INGEST = str(Path(sys.executable).with_name("store-agent-ingest"))
 
 
-def write_ingest_config(path: Path, broker_port: int, dsn: str, client_id: str, extra: str = "",
-                        batch_wait_ms: int = 20) -> Path:
+def write_ingest_config(
+    path: Path, broker_port: int, dsn: str, client_id: str, extra: str = "", batch_wait_ms: int = 20
+) -> Path:
     """A minimal ingest.toml: loopback broker without TLS, short batches so tests see commits quickly."""
     path.write_text(
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntls = false\ntopic_prefix = "retail"\n'
@@ -37,8 +38,13 @@ class IngestProcess:
 
     def start(self) -> IngestProcess:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([STORE_AGENT_INGEST, "run", "--config", str(self.config)],
-                                         stdout=log, stderr=log, env=self.env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [STORE_AGENT_INGEST, "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                start_new_session=True,
+            )
         return self
 
     def tail(self, n: int = 4000) -> str:
