@@ -201,6 +201,17 @@ class Writer:
         `ingest_events`; a unique violation rolls back to a savepoint and the batch goes through
         the staging table instead, which skips the ids already there.
         """
+        days = set(days)
+        try:
+            return self._write(rows, days, rejects)
+        except psycopg.errors.CheckViolation:
+            # "no partition of relation found": another instance's retention dropped a day this
+            # connection still believed in; learn the partitions again and make what is missing
+            assert self.conn is not None
+            self._days = self._existing_days()
+            return self._write(rows, days, rejects)
+
+    def _write(self, rows: Mapping[str, bytes], days: set[date], rejects: list[Reject]) -> int:
         if self.conn is None:
             self.open()
         self.ensure_days(days)

@@ -253,7 +253,7 @@ class Ingest:
                     log.warning("PostgreSQL: %s; stopping without this batch", first)
                     return False
                 log.warning("PostgreSQL: %s; retrying in %.1f s", first, delay)
-                time.sleep(delay)
+                self._stop.wait(delay)  # a stop does not wait out the backoff
                 delay = min(delay * 2, BACKOFF_MAX_S)
         with self._acked:
             self.messages += len(batch.deliveries)

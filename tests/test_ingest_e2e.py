@@ -10,6 +10,7 @@ import random
 import subprocess
 import threading
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -393,7 +394,6 @@ def test_env_overrides_the_file_and_an_unreachable_database_exits_1(
 
 
 def test_retention_drops_old_days_and_their_ids(pgdb: str) -> None:
-    from datetime import date
 
     from ingest.envelope import Parsed, parse_message
 
@@ -454,3 +454,37 @@ def test_a_message_postgresql_refuses_is_kept_whole_and_the_rest_lands(
     [(topic, payload, reason)] = query(pgdb, "SELECT topic, payload, reason FROM store_ingest_rejects")
     assert (topic, bytes(payload)) == bad and "database refused it" in reason and "poisoned" in reason
     assert ingest.stop() == 0, ingest.tail()
+
+
+def test_a_day_dropped_by_another_instance_is_made_again(pgdb: str) -> None:
+    from ingest.envelope import Parsed, parse_message
+
+    agent = SimAgent("acme", "s1", "a1")
+    one, two = ingest_db.Writer(pgdb), ingest_db.Writer(pgdb)
+    one.open()
+    two.open()
+    try:
+        for writer in (one, two):
+            parsed = Parsed()
+            parse_message(
+                agent.topic(),
+                agent.payload(agent.events(2, now_ms=1_700_000_000_000)),
+                "retail",
+                "2026-12-08T00:00:00Z",
+                parsed,
+            )
+            assert writer.write(parsed.rows, parsed.days, parsed.rejects) == 2
+        one.drop_older_than(1, date(2023, 12, 1))  # `two` still believes in 2023-11-14
+        parsed = Parsed()
+        parse_message(
+            agent.topic(),
+            agent.payload(agent.events(2, now_ms=1_700_000_000_000)),
+            "retail",
+            "2026-12-08T00:00:00Z",
+            parsed,
+        )
+        assert two.write(parsed.rows, parsed.days, parsed.rejects) == 2
+        assert [s for (s,) in query(pgdb, "SELECT seq FROM store_events ORDER BY seq")] == [5, 6]
+    finally:
+        one.close()
+        two.close()
