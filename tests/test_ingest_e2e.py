@@ -6,6 +6,7 @@ dropped afterwards) on the machine's PostgreSQL at 127.0.0.1:5432.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import threading
@@ -19,7 +20,9 @@ import psycopg
 import pytest
 
 from ingest import db as ingest_db
-from ingest.gaps import Gap, seq_gaps
+from ingest.config import load as load_config
+from ingest.envelope import Parsed, parse_message
+from ingest.gaps import seq_gaps
 from tests.support.fleet import Publisher, SimAgent
 from tests.support.ingestproc import (
     STORE_AGENT_INGEST,
@@ -111,7 +114,6 @@ def test_two_instances_one_killed_mid_stream(tmp_path: Path, broker: Mosquitto, 
         codes = (one.stop(), two.stop())
     assert codes == (0, 0), one.tail() + two.tail()
     assert "stopped: messages=" in two.tail()
-    assert pub.resent >= 0
 
 
 def test_broker_restarted_under_load(tmp_path: Path, pgdb: str) -> None:
@@ -290,7 +292,6 @@ def test_malformed_payloads_duplicates_and_gaps(tmp_path: Path, broker: Mosquitt
         ("missing", "bigint"),
     ]
     assert ingest.stop() == 0, ingest.tail()
-    assert Gap  # the rule's type, imported for the reader
 
 
 def test_instances_starting_together_migrate_once(pgdb: str) -> None:
@@ -332,8 +333,6 @@ def test_instances_starting_together_migrate_once(pgdb: str) -> None:
 def _run(
     config: Path, env: dict[str, str] | None = None, timeout: float = 20
 ) -> subprocess.CompletedProcess[str]:
-    import os
-
     return subprocess.run(
         [STORE_AGENT_INGEST, "run", "--config", str(config)],
         capture_output=True,
@@ -394,9 +393,6 @@ def test_env_overrides_the_file_and_an_unreachable_database_exits_1(
 
 
 def test_retention_drops_old_days_and_their_ids(pgdb: str) -> None:
-
-    from ingest.envelope import Parsed, parse_message
-
     agent = SimAgent("acme", "s1", "a1")
     old, new = (
         agent.events(3, now_ms=1_700_000_000_000),
@@ -417,9 +413,7 @@ def test_retention_drops_old_days_and_their_ids(pgdb: str) -> None:
 
 
 def test_the_example_config_is_valid(tmp_path: Path) -> None:
-    from ingest.config import load
-
-    cfg = load(Path(__file__).resolve().parent.parent / "config" / "ingest.toml")
+    cfg = load_config(Path(__file__).resolve().parent.parent / "config" / "ingest.toml")
     assert cfg.ingest.group == "ingest" and cfg.mqtt.tls and cfg.ingest.dsn_file is not None
 
 
@@ -457,8 +451,6 @@ def test_a_message_postgresql_refuses_is_kept_whole_and_the_rest_lands(
 
 
 def test_a_day_dropped_by_another_instance_is_made_again(pgdb: str) -> None:
-    from ingest.envelope import Parsed, parse_message
-
     agent = SimAgent("acme", "s1", "a1")
     one, two = ingest_db.Writer(pgdb), ingest_db.Writer(pgdb)
     one.open()
