@@ -85,11 +85,30 @@ def wait_for(path: Path, text: str, count: int, timeout: float = 30) -> None:
 
 
 def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) -> None:
+    """One instance count and mode: its own broker and database; prints one line."""
+    broker = Mosquitto(work / f"mq-{instances}-{mode}").start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        _run_case(instances, mode, args, work, broker, procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        broker.stop()
+
+
+def _run_case(
+    instances: int,
+    mode: str,
+    args: argparse.Namespace,
+    work: Path,
+    broker: Mosquitto,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
     import psycopg
 
-    broker = Mosquitto(work / f"mq-{instances}-{mode}").start()
     with scratch_database("ingest_bench") as dsn:
-        procs: list[subprocess.Popen[bytes]] = []
         configs = [
             write_ingest_config(
                 work / f"i{n}-{instances}-{mode}.toml",
@@ -120,7 +139,11 @@ def run_case(instances: int, mode: str, args: argparse.Namespace, work: Path) ->
         go = mp.Event()
         done: mp.Queue = mp.Queue()
         pubs = [
-            mp.Process(target=publisher, args=(broker.port, i, per_pub, batches_each, ready[i], go, done))
+            mp.Process(
+                target=publisher,
+                args=(broker.port, i, per_pub, batches_each, ready[i], go, done),
+                daemon=True,
+            )
             for i in range(args.publishers)
         ]
         for p in pubs:

@@ -27,6 +27,7 @@ from tests.support.fleet import Publisher, SimAgent
 from tests.support.ingestproc import (
     STORE_AGENT_INGEST,
     IngestProcess,
+    kill_all,
     landed_count,
     query,
     write_ingest_config,
@@ -34,6 +35,12 @@ from tests.support.ingestproc import (
 from tests.support.mosquitto import Mosquitto
 from tests.support.pg import scratch_database
 from tests.support.wait import wait_until
+
+
+@pytest.fixture(autouse=True)
+def _no_ingest_left_running() -> Iterator[None]:
+    yield
+    kill_all()
 
 
 @pytest.fixture

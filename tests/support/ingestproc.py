@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 
@@ -28,7 +28,13 @@ def write_ingest_config(
 
 
 class IngestProcess:
-    """One ingest instance; its stderr goes to a file the test can read."""
+    """One ingest instance; its stderr goes to a file the test can read.
+
+    Every instance started is remembered until `kill_all`, which the ingest tests call at
+    teardown, so a failing test leaves no process behind.
+    """
+
+    started: ClassVar[list[IngestProcess]] = []
 
     def __init__(self, workdir: Path, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
@@ -45,6 +51,7 @@ class IngestProcess:
                 env=self.env,
                 start_new_session=True,
             )
+        IngestProcess.started.append(self)
         return self
 
     def tail(self, n: int = 4000) -> str:
@@ -72,6 +79,13 @@ class IngestProcess:
         except subprocess.TimeoutExpired:
             self.kill9()
             return None
+
+
+def kill_all() -> None:
+    """SIGKILL every instance still running (test teardown)."""
+    for proc in IngestProcess.started:
+        proc.kill9()
+    IngestProcess.started.clear()
 
 
 def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
