@@ -1,0 +1,1 @@
+"""store-agent-ingest: lands every agent's uplink events in PostgreSQL (contract section 10)."""
