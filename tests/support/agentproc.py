@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.buffer import prefill
+from tests.support.children import preexec
 from tests.support.wait import wait_until
 
 STORE_AGENT = str(Path(sys.executable).with_name("store-agent"))
@@ -70,7 +71,7 @@ class AgentProcess:
             self.proc = subprocess.Popen(
                 [STORE_AGENT, "run", "--config", str(self.config)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
-                preexec_fn=self.preexec_fn,
+                preexec_fn=preexec(self.preexec_fn),
             )
         self.starts += 1
         return self

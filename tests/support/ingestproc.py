@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import psycopg
 
+from tests.support.children import preexec
 from tests.support.wait import wait_until
 
 STORE_AGENT_INGEST = str(Path(sys.executable).with_name("store-agent-ingest"))
@@ -50,6 +51,7 @@ class IngestProcess:
                 stderr=log,
                 env=self.env,
                 start_new_session=True,
+                preexec_fn=preexec(),
             )
         IngestProcess.started.append(self)
         return self

@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.children import preexec
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -55,7 +57,8 @@ class Mosquitto:
         )
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [mosquitto_binary(), "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True
+                [mosquitto_binary(), "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True,
+                preexec_fn=preexec(),
             )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
