@@ -8,6 +8,7 @@ from typing import Any
 
 from agent import __version__
 from agent.buffer import Outbox
+from agent.buffer.writer import CAP_REACHED
 from agent.health import HealthBoard
 from agent.uplink import Uplink
 
@@ -75,7 +76,9 @@ class StatusReporter:
         if not self.outbox.alive:
             out.append({"code": "buffer_writer_down", "message": "the buffer's writer thread is not running"})
         failure = self.outbox.failure
-        if failure:
+        if failure == CAP_REACHED:  # nothing is broken, but transactions are not acknowledged
+            out.append({"code": "buffer_full", "message": f"buffer commits are refused: {failure}"})
+        elif failure:
             out.append({"code": "buffer_failing", "message": f"buffer commits fail: {failure}"})
         if self.uplink is not None and not self.uplink.alive:
             out.append({"code": "uplink_down", "message": "the uplink thread is not running: nothing is sent"})

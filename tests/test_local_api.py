@@ -505,6 +505,11 @@ def test_503_with_retry_after_when_the_cap_refuses(tmp_path: Path) -> None:
             before = server.stored()
             assert post(c, batch).status_code == 503
             assert server.stored() == before
+            # transactions are not acknowledged at the cap: health says so, by its own code
+            health = c.get("/healthz")
+            assert health.status_code == 503
+            assert health.json()["problems"] == [{"code": "buffer_full", "message":
+                                                  "buffer commits are refused: buffer full: the disk cap is reached"}]
             # a 503 is not remembered: the same key goes through once there is room
             server.outbox.max_bytes = 1 << 30
             again = post(c, batch, {"Idempotency-Key": f"fill-{_}"})
