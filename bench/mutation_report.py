@@ -44,16 +44,32 @@ def changed_lines(diff: str) -> list[str]:
             if line[:1] in "-+" and not line.startswith(("---", "+++"))]
 
 
-def source_line(src: list[str], tree: ast.Module, mutant: str, changes: list[str]) -> int | None:
+def diff_offset(diff: str) -> int:
+    """Line of the first change, counted from the first line of the diffed function text (1-based)."""
+    offset = 0
+    for line in diff.splitlines():
+        if line.startswith("@@"):
+            offset = int(line.split()[1].lstrip("-").split(",")[0])
+        elif line.startswith(("---", "+++")):
+            continue
+        elif line[:1] in "-+":
+            return offset
+        else:
+            offset += 1
+    return 1
+
+
+def source_line(src: list[str], tree: ast.Module, mutant: str, diff: str) -> int | None:
+    """The changed line in the source: the line that reads like the first removed one, nearest to
+    where the diff puts it (the same statement can occur twice in one function)."""
     name, class_name = orig_function_and_class_names_from_key(mutant)
     span = function_lines(tree, name, class_name) or (1, len(src))
-    removed = [c[1:].strip() for c in changes if c.startswith("-") and c[1:].strip()]
+    estimate = span[0] + diff_offset(diff) - 1
+    removed = [c[1:].strip() for c in changed_lines(diff) if c.startswith("-") and c[1:].strip()]
     if not removed:
-        return span[0]
-    for lineno in range(span[0], span[1] + 1):
-        if src[lineno - 1].strip() == removed[0]:
-            return lineno
-    return span[0]
+        return estimate
+    matches = [n for n in range(span[0], span[1] + 1) if src[n - 1].strip() == removed[0]]
+    return min(matches, key=lambda n: abs(n - estimate)) if matches else estimate
 
 
 def main() -> int:
@@ -78,10 +94,11 @@ def main() -> int:
             if status in KILLED or status in ("caught by type check", "not checked"):
                 continue
             try:
-                changes = changed_lines(get_diff_for_mutant(key, path=path))
+                diff = get_diff_for_mutant(key, path=path)
             except Exception as exc:  # noqa: BLE001 - a diff we cannot show must not hide the rest
-                changes = [f"? (no diff: {exc})"]
-            survivors.append((str(path), source_line(src, tree, key, changes), key, status, changes))
+                survivors.append((str(path), None, key, status, [f"? (no diff: {exc})"]))
+                continue
+            survivors.append((str(path), source_line(src, tree, key, diff), key, status, changed_lines(diff)))
 
     print()
     print(f"{'module':<28} {'mutants':>7} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} "

@@ -26,3 +26,13 @@ def test_lrc_is_the_xor_of_every_payload_byte_and_etx() -> None:
             expected ^= b
         assert lrc(payload) == expected, n
     assert encode_frame(b"x")[0] == STX
+
+
+def test_after_reset_junk_before_the_next_frame_is_one_nak_then_the_frame_decodes() -> None:
+    """`reset()` goes back to the idle state itself, not just "not in a frame": bytes that do not
+    frame right after it are NAKed once, and the next frame still decodes."""
+    decoder = FrameDecoder()
+    assert decoder.feed(b"\x02{\"cut") == []
+    decoder.reset()
+    assert not decoder.in_frame
+    assert decoder.feed(b"off\"}\x03" + encode_frame(b'{"a":1}')) == [Nak("bytes outside a frame"), Frame(b'{"a":1}')]
