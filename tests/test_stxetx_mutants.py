@@ -97,7 +97,7 @@ def test_a_json_value_that_is_not_an_object_keeps_its_raw_bytes() -> None:
 
 
 def test_frame_errors_say_what_cannot_be_framed() -> None:
-    with pytest.raises(FrameError, match="at offset 2 is below 0x20"):
+    with pytest.raises(FrameError, match="payload byte 0x01 at byte 2 is below 0x20"):
         encode_frame(b'{"\x01')
     with pytest.raises(FrameError, match=f"over {MAX_PAYLOAD}"):
         encode_frame(b"a" * (MAX_PAYLOAD + 1))
