@@ -205,5 +205,5 @@ def server_config(app: Any, host: str, port: int, limits: Limits | None = None, 
     return uvicorn.Config(
         app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
         http=protocol_class(limits), timeout_keep_alive=int(limits.keep_alive_s) or 1,
-        server_header=False, **kwargs,
+        server_header=False, interface="asgi3", **kwargs,  # said, not guessed from the app's type
     )
