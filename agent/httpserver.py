@@ -199,11 +199,27 @@ def protocol_class(limits: Limits) -> type[GuardedHttpProtocol]:
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "max_connections": cap})
 
 
+class _App:
+    """The app as uvicorn sees it: an ASGI 3 callable of exactly three arguments.
+
+    uvicorn calls its app with no arguments to sniff for a factory; an app whose `__call__` takes
+    `*args` (wrapped, instrumented, or mutated by the mutation tester) would be taken for one.
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 def server_config(app: Any, host: str, port: int, limits: Limits | None = None, **kwargs: Any) -> uvicorn.Config:
     """uvicorn's config for the local web server: httptools behind the guard, no access log."""
     limits = limits or Limits()
     return uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
+        _App(app), host=host, port=port, log_config=None, access_log=False, lifespan="off",
         http=protocol_class(limits), timeout_keep_alive=int(limits.keep_alive_s) or 1,
         server_header=False, interface="asgi3", **kwargs,  # said, not guessed from the app's type
     )
