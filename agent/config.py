@@ -34,7 +34,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
     BaseModel,
@@ -54,6 +54,8 @@ from agent.protocols.escpos import EscposError, check_encoding, compile_patterns
 DEFAULT_PATH = Path("/etc/store-agent/agent.toml")
 ENV_PATH = "STORE_AGENT_CONFIG"
 ENV_PREFIX = "STORE_AGENT__"
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -241,27 +243,50 @@ class AgentConfig(BaseModel):
         return f"{self.mqtt.topic_prefix}/{self.agent.tenant}/{self.agent.store}/{self.agent.id}"
 
 
-def config_path(cli_path: str | os.PathLike[str] | None) -> Path:
-    """Where the config is read from: the flag, else the environment, else the default."""
+def config_path(
+    cli_path: str | os.PathLike[str] | None, *, env_path: str = ENV_PATH, default: Path = DEFAULT_PATH
+) -> Path:
+    """Where the config is read from: the flag, else the variable `env_path`, else `default`."""
     if cli_path:
         return Path(cli_path)
-    env = os.environ.get(ENV_PATH)
-    return Path(env) if env else DEFAULT_PATH
+    env = os.environ.get(env_path)
+    return Path(env) if env else default
 
 
 def load(path: Path) -> AgentConfig:
-    """Read and validate a config file; raise ConfigError with one line naming file and key."""
+    """Read and validate the agent's config file; raise ConfigError with one line naming file and key."""
+    return load_config(AgentConfig, path)
+
+
+def parse(raw: bytes, name: str, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Validate TOML bytes, plus the environment's overrides (`os.environ` by default), into the config."""
+    return parse_config(AgentConfig, raw, name, environ)
+
+
+def load_config(model: type[ModelT], path: Path, *, prefix: str = ENV_PREFIX) -> ModelT:
+    """Read and validate a config file into `model`, the environment's `prefix…` variables applied.
+
+    The one loader of the agent and the fleet ingest (`STORE_AGENT_INGEST__`): ConfigError with
+    one line naming the file and the key.
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse(raw, str(path))
+    return parse_config(model, raw, str(path), prefix=prefix)
 
 
-def parse(raw: bytes, name: str, environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """Validate TOML bytes, plus the environment's overrides (`os.environ` by default), into the config."""
+def parse_config(
+    model: type[ModelT],
+    raw: bytes,
+    name: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    prefix: str = ENV_PREFIX,
+) -> ModelT:
+    """Validate TOML bytes, plus the environment's `prefix…` overrides (`os.environ` by default), into `model`."""
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -269,11 +294,11 @@ def parse(raw: bytes, name: str, environ: Mapping[str, str] | None = None) -> Ag
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: TOML syntax error: {exc}") from None
     try:
-        overridden = apply_env(data, os.environ if environ is None else environ)
+        overridden = apply_env(data, os.environ if environ is None else environ, model=model, prefix=prefix)
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     try:
-        return AgentConfig(**data)
+        return model(**data)
     except ValidationError as exc:
         raise ConfigError(f"{name}: {describe(exc, overridden)}") from None
 
@@ -319,17 +344,24 @@ def _short(value: Any) -> str:
 # ---- environment overrides ----------------------------------------------------------------------
 
 
-def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str | int, ...], str]:
-    """Write every `STORE_AGENT__…` variable into `data` (the parsed TOML); {key path: variable}.
+def apply_env(
+    data: dict[str, Any],
+    environ: Mapping[str, str],
+    *,
+    model: type[BaseModel] = AgentConfig,
+    prefix: str = ENV_PREFIX,
+) -> dict[tuple[str | int, ...], str]:
+    """Write every `prefix…` variable (`STORE_AGENT__…`) into `data`, the parsed TOML of a `model`;
+    {key path: variable}.
 
     Raises ConfigError naming the variable for a name that is no key, an index past the end of
     a list, or a value that is not JSON where JSON is needed.
     """
     found: list[tuple[tuple[str | int, ...], str, str]] = []
     for variable, value in environ.items():
-        if not variable.upper().startswith(ENV_PREFIX):
+        if not variable.upper().startswith(prefix):
             continue
-        parts = variable[len(ENV_PREFIX):].split("__")
+        parts = variable[len(prefix):].split("__")
         if not all(parts):
             raise ConfigError(f"{variable}: empty key in the name (keys are joined by '__')")
         loc = tuple(int(p) if p.isascii() and p.isdigit() else p.lower() for p in parts)
@@ -339,14 +371,16 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[st
                                  for p in item[0]])
     overridden: dict[tuple[str | int, ...], str] = {}
     for loc, variable, value in found:
-        _set_key(data, loc, variable, value)
+        _set_key(data, loc, variable, value, model)
         overridden[loc] = variable
     return overridden
 
 
-def _set_key(data: dict[str, Any], loc: tuple[str | int, ...], variable: str, raw: str) -> None:
+def _set_key(
+    data: dict[str, Any], loc: tuple[str | int, ...], variable: str, raw: str, model: type[BaseModel]
+) -> None:
     node: Any = data
-    annotation: Any = AgentConfig
+    annotation: Any = model
     for depth, key in enumerate(loc):
         here = key_path(loc[: depth + 1])
         annotation = _child(annotation, key)

@@ -2,23 +2,30 @@
 
 Path: `--config`, else `$STORE_AGENT_INGEST_CONFIG`, else `/etc/store-agent/ingest.toml`. Any key
 can be overridden as `STORE_AGENT_INGEST__SECTION__KEY=value`. The conventions are the agent's
-(agent/config.py): frozen models, unknown keys refused, errors as one line naming file and key;
-`ConfigError`, `describe` and `read_secret` are reused from there rather than copied.
+(agent/config.py): frozen models, unknown keys refused, errors as one line naming file and key.
+
+Decisions:
+- Reading, parsing and the environment overrides are the agent's own loader (`load_config`,
+  `parse_config` with this prefix), not a copy and not pydantic-settings: the overrides follow
+  the agent's rules (text as is, other types as JSON, `null` for none, an unknown name is an
+  error, errors name the variable), and `ConfigError`, `describe` and `read_secret` come along.
+- A broker off this machine needs TLS unless `insecure_plaintext = true`; loopback is the agent's
+  rule (`resolves_to_loopback`: every resolved address loopback, a name that does not resolve is
+  not), checked when the config is validated.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
-import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.config import ConfigError, Section, describe, read_secret
+from agent.config import ConfigError, Section, load_config, parse_config, read_secret, resolves_to_loopback
+from agent.config import config_path as _config_path
 
 DEFAULT_PATH = Path("/etc/store-agent/ingest.toml")
 ENV_PATH = "STORE_AGENT_INGEST_CONFIG"
@@ -46,7 +53,7 @@ class MqttSection(Section):
     def _checks(self) -> MqttSection:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together (client certificate and its key)")
-        if not self.tls and not self.insecure_plaintext and not _is_loopback(self.host):
+        if not self.tls and not self.insecure_plaintext and not resolves_to_loopback(self.host, self.port):
             raise ValueError("tls = false to a broker not on loopback also needs insecure_plaintext = true")
         return self
 
@@ -75,32 +82,14 @@ class LogSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class IngestConfig(BaseSettings):
-    """The whole ingest.toml."""
+class IngestConfig(BaseModel):
+    """The whole ingest.toml (environment overrides are applied by `parse`)."""
 
-    model_config = SettingsConfigDict(
-        extra="forbid",
-        frozen=True,
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        env_parse_none_str="null",
-        case_sensitive=False,
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     mqtt: MqttSection
     ingest: IngestSection
     log: LogSection = LogSection()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)  # the environment overrides the file
 
     def dsn(self) -> str:
         """The connection string, from `dsn` or read from `dsn_file`."""
@@ -112,43 +101,16 @@ class IngestConfig(BaseSettings):
         return secret
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def config_path(cli_path: str | os.PathLike[str] | None) -> Path:
-    """Where the config is read from: the flag, else the environment, else the default."""
-    if cli_path:
-        return Path(cli_path)
-    env = os.environ.get(ENV_PATH)
-    return Path(env) if env else DEFAULT_PATH
+    """Where the config is read from: the flag, else `$STORE_AGENT_INGEST_CONFIG`, else the default."""
+    return _config_path(cli_path, env_path=ENV_PATH, default=DEFAULT_PATH)
 
 
 def load(path: Path) -> IngestConfig:
     """Read and validate a config file; ConfigError with one line naming file and key."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse(raw, str(path))
+    return load_config(IngestConfig, path, prefix=ENV_PREFIX)
 
 
-def parse(raw: bytes, name: str) -> IngestConfig:
-    """Validate TOML bytes (plus environment overrides) into the config."""
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{name}: not UTF-8 at byte offset {exc.start}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{name}: TOML syntax error: {exc}") from None
-    try:
-        return IngestConfig(**data)
-    except ValidationError as exc:
-        raise ConfigError(f"{name}: {describe(exc)}") from None
+def parse(raw: bytes, name: str, environ: Mapping[str, str] | None = None) -> IngestConfig:
+    """Validate TOML bytes, plus the environment's overrides (`os.environ` by default), into the config."""
+    return parse_config(IngestConfig, raw, name, environ, prefix=ENV_PREFIX)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer._click import exceptions as click_exceptions
 
-from agent import __version__
+from agent.cli.common import Cli
 from agent.config import AgentConfig, ConfigError, check_start, config_path, load
 
 app = typer.Typer(
@@ -22,6 +23,9 @@ app = typer.Typer(
 )
 decode_app = typer.Typer(no_args_is_help=True, help="Decode raw device data; prints one JSON object.")
 app.add_typer(decode_app, name="decode")
+cli = Cli("store-agent", app)  # fail, config errors, --version and main: shared with store-agent-ingest
+fail = cli.fail
+main = cli.main
 
 ConfigOption = Annotated[
     str | None,
@@ -29,26 +33,17 @@ ConfigOption = Annotated[
 ]
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr, then exit with `code`: never a traceback for bad input."""
-    sys.stderr.write(f"store-agent: {message}\n")
-    raise typer.Exit(code)
-
-
 def _config(path: str | None, *, starting: bool = False) -> AgentConfig:
     """The validated config; with `starting`, also the checks before anything starts (files, TLS)."""
     where = config_path(path)
-    try:
+    with cli.config_errors():
         cfg = load(where)
         if starting:
             try:
                 check_start(cfg)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
-        return cfg
-    except ConfigError as exc:
-        fail(str(exc))
-        raise AssertionError from None  # unreachable: fail() exits
+    return cfg
 
 
 @app.command()
@@ -60,9 +55,8 @@ def run(config: ConfigOption = None) -> None:
     cfg = _config(config, starting=True)
     logsetup.setup(cfg.log.level)
     try:
-        code = run_daemon(cfg)
-    except ConfigError as exc:
-        fail(str(exc))
+        with cli.config_errors():
+            code = run_daemon(cfg)
     except OSError as exc:
         logging.getLogger("agent").error("cannot run: %s", exc)
         fail(f"cannot run: {exc}", 1)
@@ -115,10 +109,8 @@ def decode_ble(hex_data: Annotated[str, typer.Argument(metavar="HEX", help="raw 
     """Decode BLE advertising data (AD structures) into beacon frames."""
     from agent.protocols.ble import BleParseError, decode_ble_hex
 
-    try:
+    with _decode_errors("ble", BleParseError):
         _print(decode_ble_hex(hex_data))
-    except BleParseError as exc:
-        fail(f"decode ble: {exc}")
 
 
 @decode_app.command("scan")
@@ -126,10 +118,8 @@ def decode_scan(hex_data: Annotated[str, typer.Argument(metavar="HEX", help="one
     """Decode one raw barcode scanner read (AIM identifier, GS1 element string)."""
     from agent.protocols.scan import ScanParseError, decode_scan_hex
 
-    try:
+    with _decode_errors("scan", ScanParseError):
         _print(decode_scan_hex(hex_data))
-    except ScanParseError as exc:
-        fail(f"decode scan: {exc}")
 
 
 @decode_app.command("escpos")
@@ -145,47 +135,18 @@ def decode_escpos(
         data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
     except OSError as exc:
         fail(f"decode escpos: {file}: {exc.strerror}")
-    try:
+    with _decode_errors("escpos", EscposError):
         _print(decode(data, encoding))
-    except EscposError as exc:
-        fail(f"decode escpos: {exc}")
+
+
+@contextmanager
+def _decode_errors(kind: str, error: type[Exception]) -> Iterator[None]:
+    """The decoder's `error` is bad input: `decode KIND: why` on stderr, exit 2."""
+    try:
+        yield
+    except error as exc:
+        fail(f"decode {kind}: {exc}")
 
 
 def _print(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
-
-def version_callback(value: bool) -> None:
-    if value:
-        sys.stdout.write(f"store-agent {__version__}\n")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def main_options(
-    version: Annotated[
-        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version")
-    ] = False,
-) -> None:
-    """store-agent: connects a retail store's devices to the cloud."""
-
-
-def main() -> None:
-    """Console entry point: click's usage errors exit 2, anything unexpected exits 1 in one line."""
-    try:
-        code = app(standalone_mode=False)
-    except click_exceptions.UsageError as exc:
-        message = exc.format_message()
-        if message:  # empty when help was printed for a command given no arguments
-            sys.stderr.write(f"store-agent: {message}\n")
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # last resort: one line, no traceback
-        sys.stderr.write(f"store-agent: {type(exc).__name__}: {exc}\n")
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
