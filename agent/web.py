@@ -157,7 +157,10 @@ class EventBatch:
             for event, item in zip(valid, items, strict=True):
                 if len(event) != len(item):
                     raise _Invalid
-                data = dumps(event["data"])  # TypeError: nested too deep
+                # TypeError: nested too deep. Copied to an exact size: the bytes orjson returns
+                # sit in a block of at least 4 KiB, and 500 of those held until the commit cost
+                # 2 MB a request and a fresh page an event (+8 MB peak RSS, +1 us/event)
+                data = b"%b" % dumps(event["data"])
                 source = event.get("source", DEFAULT_SOURCE)
                 size = fixed + len(data) + len(event["type"]) + len(source)
                 if size + _SOURCE_SLACK > limit:
