@@ -13,9 +13,10 @@ import gc
 import tracemalloc
 
 import orjson
+import pytest
 
 from agent.core.envelope import EnvelopeEncoder
-from agent.web import EventBatch
+from agent.web import ApiError, EventBatch
 
 
 def body(n: int) -> bytes:
@@ -45,3 +46,16 @@ def test_the_events_of_a_request_hold_their_data_at_its_size_not_a_4_kib_block_e
     # and the bytes are the event's data, exactly
     envelope = EnvelopeEncoder("t", "s", "a").encode_many(events[:1], 1, "0" * 32, "2026-01-01T00:00:00.000Z")[0]
     assert orjson.loads(envelope)["data"] == {"member": "m-0", "lane": 0, "worker": 1, "n": 0}
+
+
+def test_a_batch_bigger_than_an_envelope_is_measured_event_by_event() -> None:
+    """The door sizes a request's data all at once; a whole bigger than the broker's limit is not
+    a refusal: each event is measured, and only the ones that cannot go are named (413)."""
+    batch = EventBatch(["app"], 5000, lambda: 4096, EnvelopeEncoder("t", "s", "a"))
+    small = [{"type": "app.pad", "data": {"pad": "x" * 100, "i": i}} for i in range(100)]  # 13 KB of data
+    assert len(batch.decode(orjson.dumps(small), ndjson=False)) == 100
+    big = [*small[:57], {"type": "app.pad", "data": {"pad": "x" * 5000}}, *small[57:]]
+    with pytest.raises(ApiError) as refused:
+        batch.decode(orjson.dumps(big), ndjson=False)
+    assert refused.value.status == 413
+    assert [e["index"] for e in refused.value.body["errors"]] == [57]
