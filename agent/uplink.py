@@ -73,6 +73,10 @@ CONNACK_TIMEOUT_S = 10.0
 PUBLISH_OVERHEAD = 10
 # Room kept for the stream's name when `max_event_bytes` is answered for any stream.
 STREAM_NAME_ALLOWANCE = 64
+# Batches' worth of chunks read from the buffer at a time while the window has room: reading the
+# whole window at once (16 x 256 KB) held 4 MB of bodies beside their payloads (+2.5 MB peak RSS
+# in `bench/core.py drain`, the peak of a whole offline-backlog run), for no gain in speed.
+READ_BATCHES = 4
 
 
 class BrokerUnavailable(Exception):
@@ -543,7 +547,7 @@ class Uplink:
         """
         window = self.cfg.mqtt.inflight
         while len(self._inflight) < window:
-            free = window - len(self._inflight)
+            free = min(window - len(self._inflight), READ_BATCHES)
             read = read_chunks(self.outbox.read_conn(), self._cursor, free * 64,
                                max_bytes=free * self.cfg.mqtt.batch_max_bytes)
             if not read:
