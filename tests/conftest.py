@@ -6,11 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from agent.buffer import Outbox
 from tests.support.buffer import open_outbox
 from tests.support.mosquitto import Mosquitto
 from tests.support.ptys import Pty
+
+# Property tests judge what a parser returns, never how fast: no per-example deadline (200 ms by
+# default) and no "too slow" health check, which fail on a busy 2-core machine for no fault of the code.
+settings.register_profile("store-agent", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("store-agent")
 
 
 @pytest.fixture
