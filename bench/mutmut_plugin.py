@@ -14,4 +14,8 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "mutation", derandomize=True, deadline=None, suppress_health_check=list(HealthCheck), print_blob=False
 )
-settings.load_profile("mutation")
+
+
+def pytest_configure(config: object) -> None:
+    """Loaded after tests/conftest.py has loaded the suite's own profile, so this one wins."""
+    settings.load_profile("mutation")
