@@ -61,7 +61,7 @@ def rig(tmp_path_factory) -> Iterator[Rig]:
     agent = AgentProcess(cfg, tmp / "agent.log").start()
     cloud = Commander(broker.port).start()
     try:
-        assert agent.wait_log("connected to broker"), agent.tail()
+        assert cloud.wait_serving(), agent.tail()
         yield Rig(broker, agent, cloud, events, api)
     finally:
         cloud.stop()

@@ -88,6 +88,19 @@ class Commander:
         assert wait_until(lambda: self.on("/reply", cid), timeout), f"no reply to {cid}"
         return dict(orjson.loads(self.on("/reply", cid)[0]))
 
+    def wait_serving(self, timeout: float = 20.0) -> bool:
+        """Wait until the agent answers commands (its subscription is made after its CONNACK):
+        a `status` probe is sent again every half second until one is answered."""
+        import uuid
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = f"probe-{uuid.uuid4()}"
+            self.send("status", {"id": probe})
+            if wait_until(lambda: self.on("/reply", probe), 0.5):
+                return True
+        return False
+
     def reply_time(self, cid: str) -> float | None:
         with self.lock:
             for t, p, _c, at in self.replies:
