@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 from typing import Any
@@ -54,6 +55,9 @@ class Commander:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+        sock = self.client.socket()
+        if sock is not None:  # stop-and-wait small packets: Nagle would add a delayed ACK's 40 ms
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.loop_start()
         if not self.subscribed.wait(timeout):
             raise RuntimeError("commander did not subscribe")
