@@ -184,3 +184,23 @@ def test_commands_ids_are_pruned_after_seven_days(tmp_path):
         conn.close()
     finally:
         outbox.close()
+
+
+def test_events_committed_after_the_scan_are_erased_too(tmp_path):
+    """The buffer is scanned outside the writer; what is committed between that scan and the
+    erasing transaction is looked at in the transaction, so nothing carrying the subject escapes."""
+    from agent.commands.erase import candidates, erase
+
+    outbox, _channel = make_channel(tmp_path)
+    try:
+        ids = outbox.commit_sync([Event("pos.sale", {"member_id": MEMBER}, "pos:1"),
+                                  Event("pos.sale", {"member_id": "other"}, "pos:1")]).ids
+        seqs, after = candidates(outbox.read_conn(), MEMBER, None)
+        late = outbox.commit_sync([Event("app.checkin", {"member_id": MEMBER}, "app")]).ids
+        result = outbox.call(lambda conn: erase(conn, MEMBER, None, seqs, after))
+        assert result == 2
+        assert [e["id"] for e in stored_events(outbox)] == [ids[1]]
+        assert late[0] not in {e["id"] for e in stored_events(outbox)}
+        assert outbox.count == 1
+    finally:
+        outbox.close()

@@ -36,7 +36,7 @@ from agent.buffer import Outbox
 from agent.buffer.footprint import truncate_wal
 from agent.buffer.writer import CallResult
 from agent.commands import rules, store
-from agent.commands.erase import erase
+from agent.commands.erase import candidates, erase
 from agent.commands.signature import Keys
 from agent.config import AgentConfig
 from agent.core.envelope import Event
@@ -202,9 +202,10 @@ class CommandChannel:
     def _erase(self, cid: str, name: str, args: rules.EraseSubjectArgs,
                response_topic: str | None, correlation: bytes | None) -> None:
         now = self._clock()
+        seqs, after = candidates(self.outbox.read_conn(), args.member_id, args.token)  # off the writer
 
         def erase_and_record(conn: sqlite3.Connection) -> Any:
-            done = erase(conn, args.member_id, args.token)
+            done = erase(conn, args.member_id, args.token, seqs, after)
             rec = store.Stored(cid, name, True, None, rules.reply_ok(cid, {"erased": done.value}),
                                response_topic, correlation)
             old = store.insert(conn, rec, now)

@@ -56,14 +56,50 @@ def _envelopes(body: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def erase(conn: sqlite3.Connection, member_id: str | None, token: str | None) -> CallResult:
-    """Remove every buffered event carrying `member_id` or `token`; `value` is how many went."""
+def _needles(member_id: str | None, token: str | None) -> tuple[frozenset[str], list[bytes]]:
     needles = frozenset(v for v in (member_id, token) if v)
     probes = [p for v in needles for p in {v.encode(), json.dumps(v)[1:-1].encode(),
                                           json.dumps(v, ensure_ascii=False)[1:-1].encode()}]
+    return needles, probes
+
+
+def candidates(conn: sqlite3.Connection, member_id: str | None, token: str | None) -> tuple[list[int], int]:
+    """(seqs of chunks that may carry the subject, the highest seq looked at), from a read connection.
+
+    The whole buffer is decompressed here, outside the writer, so commits (POS ACKs) do not wait
+    behind it; `erase` then looks again only at these rows and at those committed since.
+    """
+    _needles_set, probes = _needles(member_id, token)
+    found: list[int] = []
+    last = 0
+    cursor = conn.execute("SELECT seq, body FROM chunks ORDER BY seq")
+    try:
+        for seq, stored in cursor:
+            last = seq
+            body = unpack(stored)
+            if any(p in body for p in probes):
+                found.append(seq)
+    finally:
+        cursor.close()
+    return found, last
+
+
+def erase(conn: sqlite3.Connection, member_id: str | None, token: str | None,
+          seqs: list[int] | None = None, after: int = 0) -> CallResult:
+    """Remove every buffered event carrying `member_id` or `token`; `value` is how many went.
+
+    With `seqs` (from `candidates`), only those rows and the rows above `after` are read; without,
+    the whole buffer.
+    """
+    needles, probes = _needles(member_id, token)
     erased = removed_events = removed_bytes = removed_low = 0
     with overwriting_deletes(conn):
-        rows = conn.execute("SELECT seq, n, prio, body FROM chunks ORDER BY seq").fetchall()
+        if seqs is None:
+            rows = conn.execute("SELECT seq, n, prio, body FROM chunks ORDER BY seq").fetchall()
+        else:
+            rows = [r for seq in seqs
+                    for r in conn.execute("SELECT seq, n, prio, body FROM chunks WHERE seq=?", (seq,))]
+            rows += conn.execute("SELECT seq, n, prio, body FROM chunks WHERE seq > ? ORDER BY seq", (after,)).fetchall()
         for seq, n, prio, stored in rows:
             body = unpack(stored)
             if not any(p in body for p in probes):

@@ -101,7 +101,7 @@ class Commander:
         while time.monotonic() < deadline:
             probe = f"probe-{uuid.uuid4()}"
             self.send("status", {"id": probe})
-            if wait_until(lambda: self.on("/reply", probe), 0.5):
+            if wait_until(lambda probe=probe: self.on("/reply", probe), 0.5):
                 return True
         return False
 
