@@ -216,3 +216,29 @@ def test_replies_are_not_stored_twice_in_the_table(rig, tmp_path):
         conn.close()
     assert bytes(stored) == rig.cloud.on("/reply", cid)[0]
     assert orjson.loads(stored)["id"] == cid
+
+
+def test_diagnostics_fits_the_brokers_packet_limit(tmp_path):
+    """A broker with a small Maximum Packet Size: the log's oldest lines give way, the reply arrives
+    (a reply too big would make the broker drop the session, and the resend after it, forever)."""
+    broker = Mosquitto(tmp_path / "mq", extra_conf="max_packet_size 20000\n").start()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "data", broker.port, toml_table("log", {"level": "debug"}))
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    cloud = Commander(broker.port).start()
+    try:
+        assert cloud.wait_serving(), agent.tail()
+        for _ in range(100):  # log lines enough to pass the limit
+            cloud.send("status", {"id": new_id()})
+        cid = new_id()
+        cloud.send("diagnostics", {"id": cid, "args": {"log_lines": 5000}})
+        rig_reply = cloud.wait_reply(cid, 30)
+        assert rig_reply["ok"] is True, rig_reply
+        assert 0 < len(rig_reply["result"]["log"]) < 5000
+        assert len(cloud.on("/reply", cid)[0]) <= 20000
+        after = new_id()
+        cloud.send("status", {"id": after})
+        assert cloud.wait_reply(after)["ok"] is True
+    finally:
+        cloud.stop()
+        agent.stop()
+        broker.stop()

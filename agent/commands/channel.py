@@ -51,6 +51,8 @@ MAX_QUEUED = 1000
 # How long `drain` waits for the backlog to go before it replies with what is left.
 DRAIN_WAIT_S = 20.0
 RECORD_TIMEOUT_S = 30.0
+# The largest reply (diagnostics with 5,000 log lines stays well under it).
+MAX_REPLY_BYTES = 4 << 20
 
 DoctorCheck = tuple[str, str, str]  # (PASS|WARN|FAIL, what, detail), as agent/cli/doctor.py makes them
 
@@ -166,7 +168,11 @@ class CommandChannel:
             return
         try:
             result = self._execute(name, checked)
-            rec = store.Stored(cid, name, True, None, rules.reply_ok(cid, result), response_topic, correlation)
+            reply = rules.reply_ok(cid, result)
+            limit = self._reply_limit(response_topic)
+            if len(reply) > limit:  # a reply the broker would drop the session for: never sent
+                raise ValueError(f"the result takes {len(reply)} bytes, over the {limit} a reply may take")
+            rec = store.Stored(cid, name, True, None, reply, response_topic, correlation)
         except Exception as exc:
             log.error("command %s (%s) failed: %s", cid[:64], name, exc)
             reply = rules.reply_error(cid, "failed", f"{type(exc).__name__}: {exc}"[:500])
@@ -180,16 +186,27 @@ class CommandChannel:
             return {"level": args.level}
         if isinstance(args, rules.DiagnosticsArgs):
             checks = self.doctor() if self.doctor is not None else []
-            return {
-                "doctor": [{"check": what, "ok": level != "FAIL", "detail": f"{level}: {detail}"}
-                           for level, what, detail in checks],
-                "log": RING.tail(args.log_lines),
-            }
+            doctor = [{"check": what, "ok": level != "FAIL", "detail": f"{level}: {detail}"}
+                      for level, what, detail in checks]
+            lines = RING.tail(args.log_lines)
+            # the oldest lines give way when the reply would not fit the broker's packets
+            room = self._reply_limit(None) - len(rules.reply_ok("x" * rules.MAX_ID, {"doctor": doctor, "log": []}))
+            while lines and sum(len(line) + 8 for line in lines) > room:  # 8: quotes, comma, escapes' slack
+                lines = lines[len(lines) // 10 + 1:]
+            return {"doctor": doctor, "log": lines}
         if name == "status":
             return self.reporter.status()
         if name == "drain":
             return self._drain()
         raise NotImplementedError(name)  # rules.ARGS and this method disagree: a bug
+
+    def _reply_limit(self, response_topic: str | None) -> int:
+        """The largest reply payload that fits one PUBLISH to the broker (its packet limit, if it gave one)."""
+        packet = self.uplink.status.max_packet_bytes
+        if packet is None:
+            return MAX_REPLY_BYTES
+        topic = max(len(self.uplink.reply_topic.encode()), len((response_topic or "").encode()))
+        return min(MAX_REPLY_BYTES, packet - topic - 64)  # 64: fixed header, ids, properties
 
     def _drain(self) -> dict[str, int]:
         before = sum(self.outbox.events_sent.values())
