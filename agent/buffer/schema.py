@@ -69,8 +69,7 @@ MIGRATIONS: list[str] = [
         corr       BLOB,               -- and its correlation data
         created    REAL    NOT NULL,
         acked      INTEGER NOT NULL DEFAULT 0
-    ) WITHOUT ROWID;
-    CREATE INDEX commands_unacked ON commands(created) WHERE acked = 0;
+    ) WITHOUT ROWID;  -- no index on `acked`: read once a connection, over at most 7 days of commands
     """,
 ]
 
