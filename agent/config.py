@@ -24,6 +24,8 @@ Decisions:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import ipaddress
 import json
@@ -204,6 +206,27 @@ class LogSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class CommandsSection(Section):
+    """`[commands]` (contract section 3): which commands run, which need a signature, and whose."""
+
+    allow: list[str] | None = None  # omitted: every command
+    require_signature: list[str] = ["update_config", "update_agent", "erase_subject"]
+    rollback_after_s: float = Field(default=60.0, gt=0)
+    public_keys: dict[str, str] = Field(default_factory=dict)  # key id -> base64 of the raw Ed25519 key
+
+    @field_validator("public_keys")
+    @classmethod
+    def _raw_ed25519(cls, value: dict[str, str]) -> dict[str, str]:
+        for key_id, text in value.items():
+            try:
+                raw = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"{key_id}: not base64") from None
+            if len(raw) != 32:
+                raise ValueError(f"{key_id}: an Ed25519 public key is 32 raw bytes, this is {len(raw)}")
+        return value
+
+
 class SimulatorSection(Section):
     """Simulated devices for the demo: a POS that sells on a pty."""
 
@@ -223,6 +246,7 @@ class AgentConfig(BaseModel):
     ble: BleConfig | None = None
     local_api: LocalApiSection = LocalApiSection()
     log: LogSection = LogSection()
+    commands: CommandsSection = CommandsSection()
     simulator: SimulatorSection | None = None
 
     @model_validator(mode="after")
@@ -522,6 +546,10 @@ def read_secret(path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read secret: {exc.strerror}") from None
+    from agent.logsetup import redact  # a secret never reaches a log line, the in-memory ring included
+
+    redact(secret)
+    return secret

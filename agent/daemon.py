@@ -13,6 +13,7 @@ from typing import Any
 
 from agent import __version__
 from agent.buffer import Outbox
+from agent.commands.channel import CommandChannel, DoctorCheck
 from agent.config import AgentConfig, ConfigError
 from agent.health import HealthBoard
 from agent.runlock import RunLock
@@ -30,13 +31,16 @@ MAINTENANCE_EVERY_S = 3600.0
 class Agent:
     """The running agent: its parts, and their start and stop in order."""
 
-    def __init__(self, cfg: AgentConfig, notifier: Notifier | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, notifier: Notifier | None = None,
+                 doctor: Callable[[], list[DoctorCheck]] | None = None) -> None:
         self.cfg = cfg
+        self.doctor = doctor  # `doctor`'s checks, for the `diagnostics` command (agent/cli owns them)
         self.notifier = notifier or Notifier()
         self.health = HealthBoard()
         self.outbox = Outbox.from_config(cfg)
         self.uplink: Uplink | None = None
         self.reporter: StatusReporter | None = None
+        self.commands: CommandChannel | None = None
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._server: Any = None
@@ -56,6 +60,7 @@ class Agent:
         self.outbox.start()
         self.reporter = reporter = StatusReporter(self.outbox, None, self.health)
         self.uplink = reporter.uplink = Uplink(self.cfg, self.outbox, metrics=reporter.metrics)
+        self.commands = self._command_channel(reporter)
         self.uplink.start()
         self._check_mqtt_security()
         try:
@@ -80,6 +85,11 @@ class Agent:
         await self._shutdown()
         lock.release()
         return self.exit_code
+
+    def _command_channel(self, reporter: StatusReporter) -> CommandChannel:
+        """The command channel, wired to the uplink before it connects (it subscribes on connect)."""
+        assert self.uplink is not None
+        return CommandChannel(self.cfg, self.outbox, self.uplink, reporter, self.doctor).start()
 
     def _check_mqtt_security(self) -> None:
         m = self.cfg.mqtt
@@ -170,6 +180,8 @@ class Agent:
             with contextlib.suppress(Exception):  # a stuck or failing writer must not hold up the stop
                 await asyncio.to_thread(self.outbox.flush, SHUTDOWN_SEND_S)
             await asyncio.to_thread(self.uplink.stop, SHUTDOWN_SEND_S)
+        if self.commands is not None:
+            await asyncio.to_thread(self.commands.stop)
         await asyncio.to_thread(self.outbox.close)
         log.info("stopped")
 
@@ -192,7 +204,7 @@ def tune_malloc() -> None:
         pass
 
 
-def run(cfg: AgentConfig) -> int:
+def run(cfg: AgentConfig, doctor: Callable[[], list[DoctorCheck]] | None = None) -> int:
     """Run the daemon in the foreground; returns the exit status."""
     tune_malloc()
     try:
@@ -201,4 +213,4 @@ def run(cfg: AgentConfig) -> int:
         runner: Callable[[Any], Any] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a pinned dependency
         runner = asyncio.run
-    return runner(Agent(cfg).run())
+    return runner(Agent(cfg, doctor=doctor).run())

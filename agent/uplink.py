@@ -34,6 +34,13 @@ Set-aside chunks are retried one at a time once the backlog is empty: at the fir
 the process, after a `drain`, and every `PARKED_RETRY_S`. A batch acknowledged then leaves the
 buffer like any other.
 
+Commands (agent/commands/): every session subscribes to `{base}/cmd/+` and
+`{prefix}/{tenant}/{store}/all/cmd/+` at QoS 1; each message is handed to the command channel's
+queue (`CommandSink.submit`, never blocking this thread). Replies come back through
+`send_reply` once their record is committed, and are published here on the live session at once,
+ahead of any backlog of events; a reply's PUBACK is reported (`reply_acked`) so the channel marks
+it delivered, and at every connect the channel hands back the replies still unacknowledged.
+
 MQTT 3.1.1 cannot say "refused": a broker that denies a publish under 3.1.1 acknowledges it and
 drops it. Nothing here can tell; the README says so and `doctor` warns.
 """
@@ -50,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -110,6 +117,26 @@ class UplinkStatus:
     last_set_aside: str | None = None  # why the last batch was set aside
 
 
+class CommandSink(Protocol):
+    """What the uplink needs of the command channel; each call must return at once."""
+
+    def submit(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None: ...
+
+    def connected(self) -> None: ...
+
+    def reply_acked(self, command_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A command's stored reply, to publish on `reply` (and the MQTT 5 response topic, if any)."""
+
+    command_id: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
 def make_client(cfg: AgentConfig, state_topic: str, offline: bytes) -> mqtt.Client:
     """A paho client set up from the config: identity, will, credentials and TLS."""
     client_id = cfg.mqtt.client_id or f"store-agent-{cfg.agent.tenant}-{cfg.agent.store}-{cfg.agent.id}"
@@ -158,6 +185,13 @@ class Uplink:
         self.state_topic = f"{base}/state"
         self.metrics_topic = f"{base}/metrics"
         self.up_prefix = f"{base}/up/"
+        self.reply_topic = f"{base}/reply"
+        m, a = cfg.mqtt, cfg.agent
+        self.command_topics = [f"{base}/cmd/+", f"{m.topic_prefix}/{a.tenant}/{a.store}/all/cmd/+"]
+        self.commands: CommandSink | None = None
+        self._replies: dict[str, Reply] = {}  # waiting for the session thread, by command id
+        self._replies_lock = threading.Lock()
+        self._reply_mids: dict[int, str] = {}  # mid of a published `reply` -> its command id
         self._agent_json = orjson.dumps(cfg.agent.id)
         self.status = UplinkStatus(configured=cfg.mqtt.host is not None)
         self._stop = threading.Event()
@@ -244,6 +278,12 @@ class Uplink:
         are tried again too, once the rest has gone."""
         self._retry_due = 0.0
         self._now_flag.set()
+        self._wake()
+
+    def send_reply(self, reply: Reply) -> None:
+        """Publish a stored reply on the live session as soon as possible (any thread)."""
+        with self._replies_lock:
+            self._replies[reply.command_id] = reply
         self._wake()
 
     def _wake(self) -> None:
@@ -340,6 +380,7 @@ class Uplink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         client.max_inflight_messages_set(self.cfg.mqtt.inflight + 2)
         host = self.cfg.mqtt.host
         assert host is not None  # _run does not connect without one
@@ -392,7 +433,43 @@ class Uplink:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._lost = True
 
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.commands is None:
+            return
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        try:
+            self.commands.submit(msg.topic, bytes(msg.payload), response or None,
+                                 bytes(corr) if corr is not None else None)
+        except Exception:  # the session must outlive any command
+            log.exception("command on %s not handed over", msg.topic)
+
+    def _send_replies(self, client: mqtt.Client) -> None:
+        """Publish the replies waiting (QoS 1), ahead of the event backlog."""
+        if not self._replies:
+            return
+        with self._replies_lock:
+            replies = list(self._replies.values())
+            self._replies.clear()
+        for reply in replies:
+            mid = self._check(client.publish(self.reply_topic, reply.payload, qos=1))
+            self._reply_mids[mid] = reply.command_id
+            if reply.response_topic and self.cfg.mqtt.protocol == "5":
+                props = Properties(PacketTypes.PUBLISH)
+                if reply.correlation is not None:
+                    props.CorrelationData = reply.correlation
+                try:
+                    self._check(client.publish(reply.response_topic, reply.payload, qos=1, properties=props))
+                except ValueError as exc:  # a response topic paho refuses (wildcards): `reply` still has it
+                    log.warning("reply to %s not sent to its response topic: %s", reply.command_id[:64], exc)
+
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        command_id = self._reply_mids.pop(mid, None)
+        if command_id is not None:
+            if self.commands is not None and not (reason is not None and getattr(reason, "is_failure", False)):
+                self.commands.reply_acked(command_id)
+            return
         chunks = self._inflight.pop(mid, None)
         if chunks is None:
             return
@@ -457,11 +534,18 @@ class Uplink:
         log.info("connected to broker %s:%s", self.cfg.mqtt.host, self.cfg.mqtt.port)
         online = orjson.dumps({"online": True, "version": __version__, "since": self._fmt.format(int(now * 1000))})
         self._check(client.publish(self.state_topic, online, qos=1, retain=True))
+        self._reply_mids.clear()
+        if self.commands is not None:
+            result, _mid = client.subscribe([(topic, 1) for topic in self.command_topics])
+            if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise BrokerUnavailable(f"subscribe failed: {mqtt.error_string(result)}")
+            self.commands.connected()  # the channel hands back the replies not yet acknowledged
         next_metrics = time.monotonic() + min(5.0, self.cfg.mqtt.metrics_interval_s)
         try:
             while True:
                 stopping = self._stop.is_set()
                 if not stopping:
+                    self._send_replies(client)
                     self._fill(client)
                 elif not self._inflight or time.monotonic() > self._stop_deadline:
                     break

@@ -3,7 +3,8 @@
 POS `(register, txn_id)` keys (and the payload hashes of `pos.invalid` frames) must be remembered at least 7 days after their event was *sent*
 (contract 4.1). Sending deletes the event, so each hour a watermark records "everything up to seq
 S had left the buffer at time T"; a POS key may go once a watermark at least 7 days old covers
-its seq. Idempotency-Keys of the local API go 48 h after they were stored.
+its seq. Idempotency-Keys of the local API go 48 h after they were stored. Command ids (the
+`commands` table: a repeated id gets its stored reply) go 7 days after they were received.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sqlite3
 from agent.buffer.idempotency import KEEP_S, prune_idempotency
 
 POS_KEEP_S = 7 * 86400
+COMMAND_KEEP_S = 7 * 86400
 
 
 def record_watermark(conn: sqlite3.Connection, now: float) -> int:
@@ -42,6 +44,11 @@ def prune_pos_keys(conn: sqlite3.Connection, now: float, keep_s: float = POS_KEE
     return deleted
 
 
+def prune_commands(conn: sqlite3.Connection, now: float, keep_s: float = COMMAND_KEEP_S) -> int:
+    """Forget command ids received more than `keep_s` ago; returns how many."""
+    return int(conn.execute("DELETE FROM commands WHERE created < ?", (now - keep_s,)).rowcount)
+
+
 def hourly(conn: sqlite3.Connection, now: float) -> dict[str, int]:
     """Everything the daemon does each hour, in one transaction of the writer."""
     watermark = record_watermark(conn, now)
@@ -49,4 +56,5 @@ def hourly(conn: sqlite3.Connection, now: float) -> dict[str, int]:
         "watermark": watermark,
         "pos_keys_pruned": prune_pos_keys(conn, now),
         "api_keys_pruned": prune_idempotency(conn, now, KEEP_S),
+        "command_ids_pruned": prune_commands(conn, now),
     }

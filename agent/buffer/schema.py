@@ -56,6 +56,21 @@ MIGRATIONS: list[str] = [
         DELETE FROM parked WHERE seq = old.seq;
     END;
     """,
+    # 3: commands from the cloud (contract section 3): one row per command id, its outcome and the
+    # exact reply bytes, committed before the reply is published; `acked` once the broker took it
+    """
+    CREATE TABLE commands (
+        id         TEXT    PRIMARY KEY,
+        name       TEXT    NOT NULL,
+        ok         INTEGER NOT NULL,
+        code       TEXT,
+        reply      BLOB    NOT NULL,   -- the reply's payload, published as stored
+        resp_topic TEXT,               -- MQTT 5 response topic, when the command carried one
+        corr       BLOB,               -- and its correlation data
+        created    REAL    NOT NULL,
+        acked      INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;  -- no index on `acked`: read once a connection, over at most 7 days of commands
+    """,
 ]
 
 

@@ -125,6 +125,22 @@ class _Call:
 
 
 @dataclass(slots=True)
+class CallResult:
+    """What an `Outbox.call` function may return to change more than SQL rows, in the same transaction.
+
+    `events` are committed with the call (or, refused by the cap, the call's SQL is undone and the
+    caller gets `BufferFull`); `removed_*` are what the call took out of `chunks` (an erasure),
+    so the writer's accounts follow. The caller gets `value`.
+    """
+
+    value: Any = None
+    events: Sequence[Event] = ()
+    removed_events: int = 0
+    removed_bytes: int = 0  # as the cap counts them (stored body + ROW_OVERHEAD a row)
+    removed_low_bytes: int = 0
+
+
+@dataclass(slots=True)
 class _Row:
     """A chunk about to be inserted: the chunk (JSON body, for the accounts) and its stored body."""
 
@@ -543,11 +559,16 @@ class Outbox:
                     self._delete(conn, item.keys, group)
                 else:  # _Call: runs after what was staged before it, so it sees it
                     group.write(conn)
+                    conn.execute("SAVEPOINT call")
                     try:
-                        group.settled.append((item.done, item.fn(conn)))
+                        value = self._run_call(conn, item, group)
+                        conn.execute("RELEASE call")
+                        group.settled.append((item.done, value))
                     except Exception as exc:
                         if not conn.in_transaction:  # SQLite rolled the transaction back: the group fails
                             raise
+                        conn.execute("ROLLBACK TO call")  # this call's SQL only; the group goes on
+                        conn.execute("RELEASE call")
                         group.settled.append((item.done, exc))  # handed back to the caller
             pending = self._dropped_pending + group.dropped
             if pending and (final or group.now - self._last_dropped_event >= 10):
@@ -566,6 +587,21 @@ class Outbox:
             self._fail([item for item in items if not isinstance(item, _Ack)], unavailable(exc))
             return
         self._apply(conn, group)
+
+    def _run_call(self, conn: sqlite3.Connection, item: _Call, group: _Group) -> Any:
+        """Run a call's function; a `CallResult`'s events are staged and its removals accounted."""
+        value = item.fn(conn)
+        if not isinstance(value, CallResult):
+            return value
+        if value.events:
+            outcome = self._stage(conn, _Commit(value.events, None, None), group)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            group.write(conn)  # inside the savepoint: undone with the call if anything fails later
+        group.count -= value.removed_events
+        group.nbytes -= value.removed_bytes
+        group.low_bytes -= value.removed_low_bytes
+        return value.value
 
     def _set_durable(self, conn: sqlite3.Connection, durable: bool) -> None:
         # Only commits need fsync: a deletion after PUBACK that a crash undoes means one resend
@@ -631,14 +667,16 @@ class Outbox:
 
     def _delete(self, conn: sqlite3.Connection, keys: Sequence[ChunkKey], group: _Group) -> None:
         for key in keys:
-            # the cap may have dropped a low-priority chunk while it was in flight:
-            # only rows really deleted here leave the accounts
-            if not conn.execute("DELETE FROM chunks WHERE seq=?", (key.seq,)).rowcount:
+            # the cap may have dropped a low-priority chunk while it was in flight, or an erasure
+            # rewritten it: the accounts take what the row holds now, not what was sent
+            row = conn.execute("DELETE FROM chunks WHERE seq=? RETURNING n, length(body), prio", (key.seq,)).fetchone()
+            if row is None:
                 continue
-            size = key.stored + ROW_OVERHEAD
-            group.count -= key.n
+            n, stored, prio = row
+            size = stored + ROW_OVERHEAD
+            group.count -= n
             group.nbytes -= size
-            if key.prio == PRIORITY_LOW:
+            if prio == PRIORITY_LOW:
                 group.low_bytes -= size
 
     # ---- a commit: encode, chunk, admit ----------------------------------------------------------

@@ -50,13 +50,14 @@ def _config(path: str | None, *, starting: bool = False) -> AgentConfig:
 def run(config: ConfigOption = None) -> None:
     """Run the agent in the foreground (under systemd: Type=notify with a watchdog)."""
     from agent import logsetup
+    from agent.cli.doctor import collect_checks
     from agent.daemon import run as run_daemon
 
     cfg = _config(config, starting=True)
     logsetup.setup(cfg.log.level)
     try:
         with cli.config_errors():
-            code = run_daemon(cfg)
+            code = run_daemon(cfg, doctor=lambda: collect_checks(cfg))
     except OSError as exc:
         logging.getLogger("agent").error("cannot run: %s", exc)
         fail(f"cannot run: {exc}", 1)

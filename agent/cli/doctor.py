@@ -130,12 +130,8 @@ def check_clock() -> list[Check]:
              time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)) + ("" if synced else " (NTP sync not confirmed)"))]
 
 
-def run_checks(cfg: AgentConfig, echo: Callable[[str], None] | None = None) -> bool:
-    """Print each check; True when none failed."""
-    from rich.console import Console
-    from rich.text import Text
-
-    console = Console(soft_wrap=True)  # one line a check, however narrow the terminal
+def collect_checks(cfg: AgentConfig) -> list[Check]:
+    """Every check's (level, what, detail): `doctor` prints them, `diagnostics` replies with them."""
     checks: list[Check] = [("PASS", "config", "valid")]
     checks += check_data_dir(cfg)
     checks += check_files(cfg)
@@ -145,6 +141,16 @@ def run_checks(cfg: AgentConfig, echo: Callable[[str], None] | None = None) -> b
     checks += check_ble(cfg)
     checks += check_broker(cfg)
     checks += check_clock()
+    return checks
+
+
+def run_checks(cfg: AgentConfig, echo: Callable[[str], None] | None = None) -> bool:
+    """Print each check; True when none failed."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(soft_wrap=True)  # one line a check, however narrow the terminal
+    checks = collect_checks(cfg)
     colors = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
     for level, what, detail in checks:
         if echo is not None:
