@@ -82,7 +82,9 @@ class AgentSection(Section):
 
 
 class MqttSection(Section):
-    host: str | None = Field(default=None, min_length=1, pattern=r"^[^\s\x00-\x1f\x7f]+$")  # None: only buffer
+    host: str | None = Field(
+        default=None, min_length=1, pattern=r"^[^\s\x00-\x1f\x7f]+$"
+    )  # None: only buffer
     port: int = Field(default=8883, ge=1, le=65535)
     tls: StrictBool = True
     # a broker off this machine without TLS must be accepted in so many words (contract section 8)
@@ -151,7 +153,7 @@ class PosSection(Section):
     @model_validator(mode="after")
     def _escpos_forward(self) -> PosSection:
         if self.protocol == "stxetx" and self.forward_to is not None:
-            raise ValueError("forward_to is only for protocol = \"escpos\"")
+            raise ValueError('forward_to is only for protocol = "escpos"')
         if self.protocol == "escpos":
             try:
                 check_encoding(self.encoding)  # the receipt reader needs ASCII-compatible text
@@ -189,8 +191,10 @@ class LocalApiSection(Section):
     def _not_agent_streams(cls, value: list[str]) -> list[str]:
         taken = [s for s in value if s.lower() in AGENT_STREAMS]
         if taken:
-            raise ValueError(f"{', '.join(taken)}: streams of the drivers and the agent cannot be admitted "
-                             "from the local API")
+            raise ValueError(
+                f"{', '.join(taken)}: streams of the drivers and the agent cannot be admitted "
+                "from the local API"
+            )
         return value
 
     @property
@@ -385,14 +389,18 @@ def apply_env(
     for variable, value in environ.items():
         if not variable.upper().startswith(prefix):
             continue
-        parts = variable[len(prefix):].split("__")
+        parts = variable[len(prefix) :].split("__")
         if not all(parts):
             raise ConfigError(f"{variable}: empty key in the name (keys are joined by '__')")
         loc = tuple(int(p) if p.isascii() and p.isdigit() else p.lower() for p in parts)
         found.append((loc, variable, value))
     # a table before its keys, list items in index order, whatever order the environment has
-    found.sort(key=lambda item: [(isinstance(p, str), p if isinstance(p, str) else "", p if isinstance(p, int) else 0)
-                                 for p in item[0]])
+    found.sort(
+        key=lambda item: [
+            (isinstance(p, str), p if isinstance(p, str) else "", p if isinstance(p, int) else 0)
+            for p in item[0]
+        ]
+    )
     overridden: dict[tuple[str | int, ...], str] = {}
     for loc, variable, value in found:
         _set_key(data, loc, variable, value, model)
@@ -414,7 +422,9 @@ def _set_key(
         if isinstance(key, int):
             if not isinstance(node, list) or key > len(node):
                 size = len(node) if isinstance(node, list) else 0
-                raise ConfigError(located(variable, f"{here}: index past the end (the list has {size} items)"))
+                raise ConfigError(
+                    located(variable, f"{here}: index past the end (the list has {size} items)")
+                )
             if key == len(node):
                 node.append({})
         elif not isinstance(node, dict):
@@ -468,7 +478,9 @@ def _env_value(annotation: Any, raw: str, variable: str, where: str) -> Any:
     inner, nullable = _unwrap(annotation)
     if nullable and raw == "null":
         return None
-    literal_text = typing.get_origin(inner) is Literal and all(isinstance(a, str) for a in typing.get_args(inner))
+    literal_text = typing.get_origin(inner) is Literal and all(
+        isinstance(a, str) for a in typing.get_args(inner)
+    )
     if inner in (str, Path) or literal_text:
         return raw
     try:
@@ -476,8 +488,9 @@ def _env_value(annotation: Any, raw: str, variable: str, where: str) -> Any:
     except ValueError:
         if inner in (int, float):
             return raw  # validation says what is wrong with it, naming the variable
-        kind = {bool: "true or false", list: "a JSON list, e.g. [\"app\"]"}.get(
-            inner if isinstance(inner, type) else typing.get_origin(inner), "JSON")
+        kind = {bool: "true or false", list: 'a JSON list, e.g. ["app"]'}.get(
+            inner if isinstance(inner, type) else typing.get_origin(inner), "JSON"
+        )
         raise ConfigError(located(variable, f"{where} takes {kind} (got {_short(raw)})")) from None
 
 
@@ -511,9 +524,13 @@ def check_start(cfg: AgentConfig) -> None:
         readable_file(key, path)
     m = cfg.mqtt
     if m.host is not None and not m.tls and not m.insecure_plaintext and not m.is_loopback:
-        raise ConfigError(located(
-            "mqtt.tls", f"the broker {m.host} is not on loopback and tls = false: the password and every "
-            "event would cross the network in plaintext (set tls = true, or [mqtt] insecure_plaintext = true)"))
+        raise ConfigError(
+            located(
+                "mqtt.tls",
+                f"the broker {m.host} is not on loopback and tls = false: the password and every "
+                "event would cross the network in plaintext (set tls = true, or [mqtt] insecure_plaintext = true)",
+            )
+        )
 
 
 def config_files(cfg: AgentConfig) -> list[tuple[str, Path]]:
@@ -525,8 +542,10 @@ def config_files(cfg: AgentConfig) -> list[tuple[str, Path]]:
         ("mqtt.key_file", cfg.mqtt.key_file),
     ]
     if cfg.local_api.enabled:
-        files += [("local_api.token_file", cfg.local_api.token_file),
-                  ("local_api.dashboard_password_file", cfg.local_api.dashboard_password_file)]
+        files += [
+            ("local_api.token_file", cfg.local_api.token_file),
+            ("local_api.dashboard_password_file", cfg.local_api.dashboard_password_file),
+        ]
     return [(key, path) for key, path in files if path is not None]
 
 

@@ -31,8 +31,12 @@ MAINTENANCE_EVERY_S = 3600.0
 class Agent:
     """The running agent: its parts, and their start and stop in order."""
 
-    def __init__(self, cfg: AgentConfig, notifier: Notifier | None = None,
-                 doctor: Callable[[], list[DoctorCheck]] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        notifier: Notifier | None = None,
+        doctor: Callable[[], list[DoctorCheck]] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.doctor = doctor  # `doctor`'s checks, for the `diagnostics` command (agent/cli owns them)
         self.notifier = notifier or Notifier()
@@ -71,8 +75,14 @@ class Agent:
             self.exit_code = 2
             self.stopping.set()
         self.notifier.notify(f"READY=1\nSTATUS=buffer open, {self.outbox.count} events waiting")
-        log.info("store-agent %s running: tenant=%s store=%s agent=%s buffer=%s",
-                 __version__, self.cfg.agent.tenant, self.cfg.agent.store, self.cfg.agent.id, self.outbox.path)
+        log.info(
+            "store-agent %s running: tenant=%s store=%s agent=%s buffer=%s",
+            __version__,
+            self.cfg.agent.tenant,
+            self.cfg.agent.store,
+            self.cfg.agent.id,
+            self.outbox.path,
+        )
         # what start-up made lives as long as the process: keep the collector from walking it again,
         # and let young garbage (per-request dicts and lists) pile up longer before a collection
         gc.collect()
@@ -94,8 +104,11 @@ class Agent:
     def _check_mqtt_security(self) -> None:
         m = self.cfg.mqtt
         if m.host is not None and not m.tls and not m.is_loopback:
-            log.warning("!!! mqtt.tls = false for the non-loopback broker %s: events and commands travel "
-                        "in plaintext; set tls = true !!!", m.host)
+            log.warning(
+                "!!! mqtt.tls = false for the non-loopback broker %s: events and commands travel "
+                "in plaintext; set tls = true !!!",
+                m.host,
+            )
 
     def spawn(self, name: str, factory: Callable[[], Awaitable[Any]]) -> None:
         """Run a long-lived part as a task; if it dies, log it (its health shows it) and go on."""
@@ -155,8 +168,11 @@ class Agent:
             if healthy and interval:
                 self.notifier.notify("WATCHDOG=1")
             elif not healthy:
-                log.error("unhealthy: buffer writer alive=%s, uplink alive=%s; withholding WATCHDOG=1",
-                          self.outbox.alive, self.uplink.alive if self.uplink else None)
+                log.error(
+                    "unhealthy: buffer writer alive=%s, uplink alive=%s; withholding WATCHDOG=1",
+                    self.outbox.alive,
+                    self.uplink.alive if self.uplink else None,
+                )
 
     async def _maintenance(self) -> None:
         from agent.buffer.maintenance import hourly

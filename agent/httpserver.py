@@ -85,15 +85,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if phase == "header" and self._idle():
-            self._refuse(408, "request_timeout", f"the request's headers took longer than "
-                                                 f"{self.limits.header_timeout_s:g} s")
+            self._refuse(
+                408,
+                "request_timeout",
+                f"the request's headers took longer than {self.limits.header_timeout_s:g} s",
+            )
         else:  # mid-body: the app may be reading it, so no answer of ours, just the end of it
             self.transport.abort()
 
     def _refuse(self, status: int, error: str, reason: str) -> None:
         body = orjson.dumps({"error": error, "reason": reason})
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % (
-            status, _REASONS[status], len(body))
+        head = (
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
+            % (status, _REASONS[status], len(body))
+        )
         if status == 503:
             head += b"retry-after: 1\r\n"
         self._disarm()
@@ -113,16 +118,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm(self.limits.header_timeout_s, "header")
         if len(self.connections) > self.max_connections:
-            waiting = [c for c in self.connections
-                       if c is not self and isinstance(c, GuardedHttpProtocol) and not c.transport.is_closing()
-                       and c._evictable()]
+            waiting = [
+                c
+                for c in self.connections
+                if c is not self
+                and isinstance(c, GuardedHttpProtocol)
+                and not c.transport.is_closing()
+                and c._evictable()
+            ]
             if waiting:
                 victim = min(waiting, key=lambda c: c._since)
                 victim._disarm()
                 victim.transport.abort()
             else:
-                self._refuse(503, "too_many_connections",
-                             f"{self.max_connections} connections are busy; retry shortly")
+                self._refuse(
+                    503, "too_many_connections", f"{self.max_connections} connections are busy; retry shortly"
+                )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -143,8 +154,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._in_headers:
             if self._header_bytes > self.limits.max_header_bytes:
                 if self._idle():
-                    self._refuse(431, "headers_too_large",
-                                 f"the request line and headers may take at most {self.limits.max_header_bytes} bytes")
+                    self._refuse(
+                        431,
+                        "headers_too_large",
+                        f"the request line and headers may take at most {self.limits.max_header_bytes} bytes",
+                    )
                 else:  # pipelined behind a request still being answered: no answer of ours in between
                     self._disarm()
                     self.transport.abort()
@@ -194,8 +208,11 @@ def protocol_class(limits: Limits) -> type[GuardedHttpProtocol]:
     files (buffer, serial ports) always find a descriptor.
     """
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    cap = limits.max_connections if soft == resource.RLIM_INFINITY else min(limits.max_connections,
-                                                                            max(16, soft // 2))
+    cap = (
+        limits.max_connections
+        if soft == resource.RLIM_INFINITY
+        else min(limits.max_connections, max(16, soft // 2))
+    )
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "max_connections": cap})
 
 
@@ -215,11 +232,21 @@ class _App:
         await self.app(scope, receive, send)
 
 
-def server_config(app: Any, host: str, port: int, limits: Limits | None = None, **kwargs: Any) -> uvicorn.Config:
+def server_config(
+    app: Any, host: str, port: int, limits: Limits | None = None, **kwargs: Any
+) -> uvicorn.Config:
     """uvicorn's config for the local web server: httptools behind the guard, no access log."""
     limits = limits or Limits()
     return uvicorn.Config(
-        _App(app), host=host, port=port, log_config=None, access_log=False, lifespan="off",
-        http=protocol_class(limits), timeout_keep_alive=int(limits.keep_alive_s) or 1,
-        server_header=False, interface="asgi3", **kwargs,  # said, not guessed from the app's type
+        _App(app),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        http=protocol_class(limits),
+        timeout_keep_alive=int(limits.keep_alive_s) or 1,
+        server_header=False,
+        interface="asgi3",
+        **kwargs,  # said, not guessed from the app's type
     )

@@ -136,8 +136,15 @@ class BleTagConfig(BaseModel):
 
     def rule(self) -> TagRule:
         """This entry as the core's TagRule."""
-        return TagRule(self.name, self.kind, self.ibeacon_uuid, self.major, self.minor,
-                       self.eddystone_namespace, self.instance)
+        return TagRule(
+            self.name,
+            self.kind,
+            self.ibeacon_uuid,
+            self.major,
+            self.minor,
+            self.eddystone_namespace,
+            self.instance,
+        )
 
 
 class BleConfig(BaseModel):
@@ -174,8 +181,11 @@ class BleConfig(BaseModel):
     def presence_params(self) -> PresenceParams:
         """What agent.core.presence needs of this section, as its own dataclass."""
         return PresenceParams(
-            adapter=self.adapter, interval_s=float(self.interval_s), min_count=self.min_count,
-            leave_after_s=self.leave_after_s, rssi_smoothing=self.rssi_smoothing,
+            adapter=self.adapter,
+            interval_s=float(self.interval_s),
+            min_count=self.min_count,
+            leave_after_s=self.leave_after_s,
+            rssi_smoothing=self.rssi_smoothing,
             zones=tuple(ZoneParams(z.name, z.adapter, z.min_rssi, z.hysteresis_db) for z in self.zones),
             tags=tuple(t.rule() for t in self.tags),
         )

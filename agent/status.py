@@ -48,10 +48,12 @@ class StatusReporter:
                 "inflight_batches": up.inflight if up else 0,
                 "last_error": up.last_error if up else None,
                 "max_packet_bytes": up.max_packet_bytes if up else None,
-                "set_aside": {"batches_total": up.set_aside_total if up else 0,
-                              "chunks": up.set_aside_chunks if up else 0,
-                              "events": up.set_aside_events if up else 0,
-                              "last_reason": up.last_set_aside if up else None},
+                "set_aside": {
+                    "batches_total": up.set_aside_total if up else 0,
+                    "chunks": up.set_aside_chunks if up else 0,
+                    "events": up.set_aside_events if up else 0,
+                    "last_reason": up.last_set_aside if up else None,
+                },
             },
             "buffer": {
                 "path": str(self.outbox.path),
@@ -81,7 +83,9 @@ class StatusReporter:
         elif failure:
             out.append({"code": "buffer_failing", "message": f"buffer commits fail: {failure}"})
         if self.uplink is not None and not self.uplink.alive:
-            out.append({"code": "uplink_down", "message": "the uplink thread is not running: nothing is sent"})
+            out.append(
+                {"code": "uplink_down", "message": "the uplink thread is not running: nothing is sent"}
+            )
         return out
 
     def healthy(self) -> bool:
@@ -114,7 +118,8 @@ class StatusReporter:
                 for (name, outcome), value in sorted(self.commands.items())
             ],
             "device_up": [
-                {"kind": d["kind"], "name": d["name"], "value": int(bool(d["up"]))} for d in self.health.snapshot()
+                {"kind": d["kind"], "name": d["name"], "value": int(bool(d["up"]))}
+                for d in self.health.snapshot()
             ],
         }
 
@@ -130,35 +135,90 @@ class StatusReporter:
                 label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
                 out.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
 
-        family("store_agent_events_in_total", "counter", "Events committed to the buffer.",
-               [({"stream": s}, v) for s, v in sorted(m["events_in_total"].items())])
-        family("store_agent_events_sent_total", "counter", "Events acknowledged by the broker.",
-               [({"stream": s}, v) for s, v in sorted(m["events_sent_total"].items())])
-        family("store_agent_events_dropped_total", "counter", "Events dropped by the buffer's cap.",
-               [({"stream": s}, v) for s, v in sorted(m["events_dropped_total"].items())])
-        family("store_agent_buffer_events", "gauge", "Events not yet acknowledged upstream.",
-               [({}, m["buffer_events"])])
-        family("store_agent_buffer_bytes", "gauge", "Bytes of events not yet acknowledged upstream.",
-               [({}, m["buffer_bytes"])])
-        family("store_agent_buffer_oldest_unsent_seconds", "gauge", "Age of the oldest unsent event.",
-               [({}, m["buffer_oldest_unsent_seconds"])])
-        family("store_agent_mqtt_connected", "gauge", "1 while connected to the broker.",
-               [({}, m["mqtt_connected"])])
-        family("store_agent_buffer_writable", "gauge", "1 while the buffer takes commits (writer running, no failure).",
-               [({}, m["buffer_writable"])])
-        family("store_agent_thread_up", "gauge", "1 while the agent's thread runs.",
-               [({"thread": t["thread"]}, t["value"]) for t in m["thread_up"]])
-        family("store_agent_mqtt_reconnects_total", "counter", "Broker connections lost.",
-               [({}, m["mqtt_reconnects_total"])])
-        family("store_agent_mqtt_set_aside_batches_total", "counter",
-               "Batches set aside (too big for the broker, refused, or dropping the connection).",
-               [({}, m["mqtt_set_aside_batches_total"])])
-        family("store_agent_buffer_set_aside_events", "gauge", "Events set aside in the buffer, kept and retried later.",
-               [({}, m["buffer_set_aside_events"])])
-        family("store_agent_commands_total", "counter", "Commands by name and outcome.",
-               [({"name": c["name"], "outcome": c["outcome"]}, c["value"]) for c in m["commands_total"]])
-        family("store_agent_device_up", "gauge", "1 while a device answers.",
-               [({"kind": d["kind"], "name": d["name"]}, d["value"]) for d in m["device_up"]])
+        family(
+            "store_agent_events_in_total",
+            "counter",
+            "Events committed to the buffer.",
+            [({"stream": s}, v) for s, v in sorted(m["events_in_total"].items())],
+        )
+        family(
+            "store_agent_events_sent_total",
+            "counter",
+            "Events acknowledged by the broker.",
+            [({"stream": s}, v) for s, v in sorted(m["events_sent_total"].items())],
+        )
+        family(
+            "store_agent_events_dropped_total",
+            "counter",
+            "Events dropped by the buffer's cap.",
+            [({"stream": s}, v) for s, v in sorted(m["events_dropped_total"].items())],
+        )
+        family(
+            "store_agent_buffer_events",
+            "gauge",
+            "Events not yet acknowledged upstream.",
+            [({}, m["buffer_events"])],
+        )
+        family(
+            "store_agent_buffer_bytes",
+            "gauge",
+            "Bytes of events not yet acknowledged upstream.",
+            [({}, m["buffer_bytes"])],
+        )
+        family(
+            "store_agent_buffer_oldest_unsent_seconds",
+            "gauge",
+            "Age of the oldest unsent event.",
+            [({}, m["buffer_oldest_unsent_seconds"])],
+        )
+        family(
+            "store_agent_mqtt_connected",
+            "gauge",
+            "1 while connected to the broker.",
+            [({}, m["mqtt_connected"])],
+        )
+        family(
+            "store_agent_buffer_writable",
+            "gauge",
+            "1 while the buffer takes commits (writer running, no failure).",
+            [({}, m["buffer_writable"])],
+        )
+        family(
+            "store_agent_thread_up",
+            "gauge",
+            "1 while the agent's thread runs.",
+            [({"thread": t["thread"]}, t["value"]) for t in m["thread_up"]],
+        )
+        family(
+            "store_agent_mqtt_reconnects_total",
+            "counter",
+            "Broker connections lost.",
+            [({}, m["mqtt_reconnects_total"])],
+        )
+        family(
+            "store_agent_mqtt_set_aside_batches_total",
+            "counter",
+            "Batches set aside (too big for the broker, refused, or dropping the connection).",
+            [({}, m["mqtt_set_aside_batches_total"])],
+        )
+        family(
+            "store_agent_buffer_set_aside_events",
+            "gauge",
+            "Events set aside in the buffer, kept and retried later.",
+            [({}, m["buffer_set_aside_events"])],
+        )
+        family(
+            "store_agent_commands_total",
+            "counter",
+            "Commands by name and outcome.",
+            [({"name": c["name"], "outcome": c["outcome"]}, c["value"]) for c in m["commands_total"]],
+        )
+        family(
+            "store_agent_device_up",
+            "gauge",
+            "1 while a device answers.",
+            [({"kind": d["kind"], "name": d["name"]}, d["value"]) for d in m["device_up"]],
+        )
         return "\n".join(out) + "\n"
 
 

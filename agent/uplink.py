@@ -120,7 +120,9 @@ class UplinkStatus:
 class CommandSink(Protocol):
     """What the uplink needs of the command channel; each call must return at once."""
 
-    def submit(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None: ...
+    def submit(
+        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> None: ...
 
     def connected(self) -> None: ...
 
@@ -320,8 +322,13 @@ class Uplink:
             delay = schedule.next_delay(answered=exc.answered)
             self.status.last_error = str(exc)
             self.status.next_attempt_s = delay
-            log.warning("broker %s:%s unavailable: %s; next attempt in %.1f s",
-                        self.cfg.mqtt.host, self.cfg.mqtt.port, exc, delay)
+            log.warning(
+                "broker %s:%s unavailable: %s; next attempt in %.1f s",
+                self.cfg.mqtt.host,
+                self.cfg.mqtt.port,
+                exc,
+                delay,
+            )
             self._sleep(delay)
             return
         except Exception as exc:  # e.g. a password or CA file gone since start: report, retry
@@ -388,8 +395,9 @@ class Uplink:
             if self.cfg.mqtt.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = 0
-                client.connect(host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive_s,
-                               clean_start=True, properties=props)
+                client.connect(
+                    host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive_s, clean_start=True, properties=props
+                )
             else:
                 client.connect(host, self.cfg.mqtt.port, self.cfg.mqtt.keepalive_s)
         except ssl.SSLError as exc:
@@ -420,8 +428,11 @@ class Uplink:
         if self._connack != 0:
             reason = self._connack
             self._teardown(client)
-            raise BrokerUnavailable(f"broker refused the connection: {mqtt.connack_string(reason)}"
-                                    if isinstance(reason, int) else f"broker refused the connection: {reason}")
+            raise BrokerUnavailable(
+                f"broker refused the connection: {mqtt.connack_string(reason)}"
+                if isinstance(reason, int)
+                else f"broker refused the connection: {reason}"
+            )
         self.status.max_packet_bytes = self._connack_max_packet
         return client
 
@@ -440,8 +451,9 @@ class Uplink:
         response = getattr(props, "ResponseTopic", None) if props is not None else None
         corr = getattr(props, "CorrelationData", None) if props is not None else None
         try:
-            self.commands.submit(msg.topic, bytes(msg.payload), response or None,
-                                 bytes(corr) if corr is not None else None)
+            self.commands.submit(
+                msg.topic, bytes(msg.payload), response or None, bytes(corr) if corr is not None else None
+            )
         except Exception:  # the session must outlive any command
             log.exception("command on %s not handed over", msg.topic)
 
@@ -467,7 +479,9 @@ class Uplink:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         command_id = self._reply_mids.pop(mid, None)
         if command_id is not None:
-            if self.commands is not None and not (reason is not None and getattr(reason, "is_failure", False)):
+            if self.commands is not None and not (
+                reason is not None and getattr(reason, "is_failure", False)
+            ):
                 self.commands.reply_acked(command_id)
             return
         chunks = self._inflight.pop(mid, None)
@@ -532,7 +546,9 @@ class Uplink:
         self.status.since = now
         self.status.last_error = None
         log.info("connected to broker %s:%s", self.cfg.mqtt.host, self.cfg.mqtt.port)
-        online = orjson.dumps({"online": True, "version": __version__, "since": self._fmt.format(int(now * 1000))})
+        online = orjson.dumps(
+            {"online": True, "version": __version__, "since": self._fmt.format(int(now * 1000))}
+        )
         self._check(client.publish(self.state_topic, online, qos=1, retain=True))
         self._reply_mids.clear()
         if self.commands is not None:
@@ -599,18 +615,32 @@ class Uplink:
         self.status.set_aside_total += 1
         self.status.last_set_aside = reason
         events = sum(c.n for c in new)
-        log.error("set aside a batch of %d %s events (seq %d..): %s; kept in the buffer, retried later",
-                  events, new[0].stream, new[0].seq, reason)
+        log.error(
+            "set aside a batch of %d %s events (seq %d..): %s; kept in the buffer, retried later",
+            events,
+            new[0].stream,
+            new[0].seq,
+            reason,
+        )
         now = self._clock()
         try:
             self.outbox.call(lambda conn: park(conn, [c.seq for c in new], reason, now), timeout=10)
         except Exception as exc:  # still set aside for this run; the buffer's fault is reported there
             log.error("could not record the set-aside batch in the buffer: %s", exc)
         if new[0].stream != "system":  # a refused system stream must not feed itself
-            self.outbox.offer(Event("system.batch_set_aside", {
-                "stream": new[0].stream, "first_seq": new[0].seq, "events": events,
-                "bytes": sum(len(c.body) for c in new), "reason": reason,
-            }, "agent"))
+            self.outbox.offer(
+                Event(
+                    "system.batch_set_aside",
+                    {
+                        "stream": new[0].stream,
+                        "first_seq": new[0].seq,
+                        "events": events,
+                        "bytes": sum(len(c.body) for c in new),
+                        "reason": reason,
+                    },
+                    "agent",
+                )
+            )
 
     def _count_parked(self) -> None:
         self.status.set_aside_chunks = len(self._parked)
@@ -632,8 +662,12 @@ class Uplink:
         window = self.cfg.mqtt.inflight
         while len(self._inflight) < window:
             free = min(window - len(self._inflight), READ_BATCHES)
-            read = read_chunks(self.outbox.read_conn(), self._cursor, free * 64,
-                               max_bytes=free * self.cfg.mqtt.batch_max_bytes)
+            read = read_chunks(
+                self.outbox.read_conn(),
+                self._cursor,
+                free * 64,
+                max_bytes=free * self.cfg.mqtt.batch_max_bytes,
+            )
             if not read:
                 self._retry_parked(client)
                 return
@@ -660,8 +694,10 @@ class Uplink:
         return limit is None or len(chunk.body) <= limit
 
     def _too_big(self, chunk: Chunk) -> str:
-        return (f"{len(chunk.body)} bytes cannot fit the broker's Maximum Packet Size "
-                f"({self.status.max_packet_bytes} bytes)")
+        return (
+            f"{len(chunk.body)} bytes cannot fit the broker's Maximum Packet Size "
+            f"({self.status.max_packet_bytes} bytes)"
+        )
 
     def _retry_parked(self, client: mqtt.Client) -> None:
         """The backlog is empty: try set-aside chunks again, one at a time, when a pass is due."""
@@ -708,8 +744,11 @@ class Uplink:
                 batch, size = current
                 hard = self._joined_limit(chunk.stream)
                 joined = size[1] + 1 + len(chunk.body)  # with the comma between envelopes
-                if (size[0] + chunk.n > limit_events or size[1] + len(chunk.body) > soft_bytes
-                        or (hard is not None and joined > hard)):
+                if (
+                    size[0] + chunk.n > limit_events
+                    or size[1] + len(chunk.body) > soft_bytes
+                    or (hard is not None and joined > hard)
+                ):
                     current = None
             if current is None:
                 batch, size = [], [0, 0]

@@ -120,8 +120,9 @@ class EventBatch:
     can write is refused (400) instead of failing in the writer (500, retried forever).
     """
 
-    def __init__(self, streams: list[str], max_events: int, max_envelope: Callable[[], int],
-                 encoder: EnvelopeEncoder) -> None:
+    def __init__(
+        self, streams: list[str], max_events: int, max_envelope: Callable[[], int], encoder: EnvelopeEncoder
+    ) -> None:
         self.streams = tuple(streams)
         self.max_events = max_events
         self.max_envelope = max_envelope
@@ -132,8 +133,13 @@ class EventBatch:
         probe = encoder.encode_many([Event("a.b", {}, "s")], 10**18, "0" * 32, "2026-01-01T00:00:00.000Z")[0]
         self._fixed = len(probe) - len(b'{}"a.b""s"')
         # the most a type and a source can add to an envelope, serialised, quotes included
-        self._most_named = (max((len(orjson.dumps(s)) for s in self.streams), default=2) + 1 + MAX_NAME_LEN
-                            + MAX_SOURCE_LEN + _SOURCE_SLACK)
+        self._most_named = (
+            max((len(orjson.dumps(s)) for s in self.streams), default=2)
+            + 1
+            + MAX_NAME_LEN
+            + MAX_SOURCE_LEN
+            + _SOURCE_SLACK
+        )
 
         class EventIn(TypedDict):
             # extra keys are ignored here and refused by the length check in `decode`: pydantic's
@@ -150,8 +156,13 @@ class EventBatch:
         """The request's events, in order; all valid or ApiError."""
         items = self._parse(body, ndjson)
         if len(items) > self.max_events:
-            raise ApiError(413, {"error": "too_many_events",
-                                 "reason": f"{len(items)} events; at most {self.max_events} a request"})
+            raise ApiError(
+                413,
+                {
+                    "error": "too_many_events",
+                    "reason": f"{len(items)} events; at most {self.max_events} a request",
+                },
+            )
         if _LONG_RUN in body.translate(_DIGITS):  # rare: look closer, event by event
             wide = _wide_integers(body, ndjson)
             if wide:
@@ -167,14 +178,30 @@ class EventBatch:
                 if len(event) != len(item):
                     raise _Invalid
                 ts = event.get("ts")
-                append(Event(event["type"], event["data"], event.get("source", DEFAULT_SOURCE),
-                             None if ts is None else utc_ms_checked(ts)))
+                append(
+                    Event(
+                        event["type"],
+                        event["data"],
+                        event.get("source", DEFAULT_SOURCE),
+                        None if ts is None else utc_ms_checked(ts),
+                    )
+                )
         except (ValidationError, ValueError, TypeError, _Invalid):
             raise ApiError(400, {"error": "invalid_events", "errors": self._errors(items, {})}) from None
         if too_big:  # it could never be sent: the broker would drop the connection on it, forever
-            raise ApiError(413, {"error": "event_too_large", "errors": [
-                {"index": i, "reason": f"its envelope would take {size} bytes; the broker takes at most {limit}"}
-                for i, size in too_big]})
+            raise ApiError(
+                413,
+                {
+                    "error": "event_too_large",
+                    "errors": [
+                        {
+                            "index": i,
+                            "reason": f"its envelope would take {size} bytes; the broker takes at most {limit}",
+                        }
+                        for i, size in too_big
+                    ],
+                },
+            )
         return events
 
     def _fit(self, valid: list[Any], limit: int) -> bool:
@@ -216,7 +243,9 @@ class EventBatch:
             except orjson.JSONDecodeError as exc:
                 raise ApiError(400, {"error": "invalid_json", "reason": str(exc)}) from None
             if not isinstance(items, list):
-                raise ApiError(400, {"error": "invalid_json", "reason": "the body must be a JSON array of events"})
+                raise ApiError(
+                    400, {"error": "invalid_json", "reason": "the body must be a JSON array of events"}
+                )
             return items
         items = []
         loads = orjson.loads
@@ -228,8 +257,13 @@ class EventBatch:
             except orjson.JSONDecodeError as exc:
                 raise ApiError(400, {"error": "invalid_json", "reason": f"line {number}: {exc}"}) from None
             if len(items) > self.max_events:  # no need to parse the rest to know it is too many
-                raise ApiError(413, {"error": "too_many_events",
-                                     "reason": f"more than {self.max_events} events; at most {self.max_events} a request"})
+                raise ApiError(
+                    413,
+                    {
+                        "error": "too_many_events",
+                        "reason": f"more than {self.max_events} events; at most {self.max_events} a request",
+                    },
+                )
         return items
 
     def _errors(self, items: list[Any], found: dict[int, str]) -> list[dict[str, Any]]:
@@ -247,14 +281,17 @@ class EventBatch:
                 continue
             for key in item:
                 if key not in FIELDS:
-                    reasons.setdefault(index, []).append(f"unknown field {key[:40]!r} (an event has {', '.join(FIELDS)})")
+                    reasons.setdefault(index, []).append(
+                        f"unknown field {key[:40]!r} (an event has {', '.join(FIELDS)})"
+                    )
             data = item.get("data")
             if isinstance(data, dict):
                 try:
                     orjson.dumps(data)
                 except TypeError:
                     reasons.setdefault(index, []).append(
-                        f"data is nested too deep: at most {MAX_DATA_DEPTH} levels of objects and arrays")
+                        f"data is nested too deep: at most {MAX_DATA_DEPTH} levels of objects and arrays"
+                    )
             ts = item.get("ts")
             if index not in reasons and isinstance(ts, str):
                 try:
@@ -278,7 +315,9 @@ class EventBatch:
         if field == "source":
             return f"source must be 1 to {MAX_SOURCE_LEN} characters"
         if field == "ts":
-            return f"ts {item['ts'][:40]!r} is not RFC 3339 with an offset (e.g. 2026-11-23T09:15:02.125+01:00)"
+            return (
+                f"ts {item['ts'][:40]!r} is not RFC 3339 with an offset (e.g. 2026-11-23T09:15:02.125+01:00)"
+            )
         return f"{field} is not valid"
 
     def _type_reason(self, value: str) -> str:
@@ -288,8 +327,10 @@ class EventBatch:
             return f"type {shown!r} is not 'stream.name'"
         if stream not in self.streams:
             return f"stream {stream[:40]!r} is not accepted here (accepted: {', '.join(self.streams)})"
-        return (f"type {shown!r}: the name after the stream must be 1 to {MAX_NAME_LEN} characters "
-                "of A-Z a-z 0-9 _ . : -")
+        return (
+            f"type {shown!r}: the name after the stream must be 1 to {MAX_NAME_LEN} characters "
+            "of A-Z a-z 0-9 _ . : -"
+        )
 
 
 def _envelope_size(fixed: int, data: bytes, event_type: str, source: str) -> int:
@@ -335,8 +376,10 @@ def _wide_integers(body: bytes, ndjson: bool) -> dict[int, str]:
                 if type(v) is int:
                     if not INT_MIN <= v <= INT_MAX:
                         digits = str(v)
-                        found[index] = (f"the integer {digits[:24]}{'...' if len(digits) > 24 else ''} does not fit "
-                                        "in 64 bits and would lose digits: send it as a string")
+                        found[index] = (
+                            f"the integer {digits[:24]}{'...' if len(digits) > 24 else ''} does not fit "
+                            "in 64 bits and would lose digits: send it as a string"
+                        )
                         break
                 elif type(v) is dict:
                     stack.extend(v.values())
@@ -386,12 +429,17 @@ class EventApi:
         self.batch = EventBatch(api.streams, api.max_events, max_envelope, encoder)
         token = read_secret(api.token_file)
         if token is None:
-            log.warning("local API: no [local_api] token_file is set, so POST /v1/events and /v1/drain refuse "
-                        "every request (401) until one is")
+            log.warning(
+                "local API: no [local_api] token_file is set, so POST /v1/events and /v1/drain refuse "
+                "every request (401) until one is"
+            )
             self._expected: bytes | None = None
         elif not token.strip():
-            log.warning("local API: the token file %s is empty, so POST /v1/events and /v1/drain refuse every "
-                        "request (401)", api.token_file)
+            log.warning(
+                "local API: the token file %s is empty, so POST /v1/events and /v1/drain refuse every "
+                "request (401)",
+                api.token_file,
+            )
             self._expected = None
         else:
             self._expected = token.strip().encode()
@@ -412,8 +460,11 @@ class EventApi:
     def require_token(self, request: Request) -> None:
         """ApiError 401 unless the request carries the API token."""
         if not self.authorized(request):
-            raise ApiError(401, {"error": "unauthorized", "reason": "a valid 'Authorization: Bearer <token>' is needed"},
-                           {"WWW-Authenticate": 'Bearer realm="store-agent"'})
+            raise ApiError(
+                401,
+                {"error": "unauthorized", "reason": "a valid 'Authorization: Bearer <token>' is needed"},
+                {"WWW-Authenticate": 'Bearer realm="store-agent"'},
+            )
 
     async def handle(self, request: Request) -> Response:
         """Answer one request; every refusal is a JSON body with an `error` code."""
@@ -430,12 +481,22 @@ class EventApi:
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media not in (JSON_TYPE, NDJSON):
             # also what keeps a browser's cross-origin "simple" POST (text/plain, forms) out
-            raise ApiError(415, {"error": "unsupported_media_type",
-                                 "reason": f"Content-Type must be {JSON_TYPE} or {NDJSON}"})
+            raise ApiError(
+                415,
+                {
+                    "error": "unsupported_media_type",
+                    "reason": f"Content-Type must be {JSON_TYPE} or {NDJSON}",
+                },
+            )
         key = request.headers.get("idempotency-key")
         if key is not None and not _KEY_CHARS.fullmatch(key):
-            raise ApiError(400, {"error": "invalid_idempotency_key",
-                                 "reason": f"1 to {MAX_KEY_LEN} visible ASCII characters"})
+            raise ApiError(
+                400,
+                {
+                    "error": "invalid_idempotency_key",
+                    "reason": f"1 to {MAX_KEY_LEN} visible ASCII characters",
+                },
+            )
         body = await self._read_body(request, held)
         ndjson = media == NDJSON
         if key is None:
@@ -444,8 +505,13 @@ class EventApi:
             committed = await self._commit(events, None)
             return Response(_answer(committed), 200, media_type=JSON_TYPE)
         if key in self._inflight:
-            raise ApiError(409, {"error": "request_in_progress",
-                                 "reason": "a request with this Idempotency-Key is still being committed"})
+            raise ApiError(
+                409,
+                {
+                    "error": "request_in_progress",
+                    "reason": "a request with this Idempotency-Key is still being committed",
+                },
+            )
         self._inflight.add(key)
         try:
             digest = hashlib.sha256(body).hexdigest().encode()
@@ -483,21 +549,32 @@ class EventApi:
 
     def _take(self, n: int, held: list[int]) -> None:
         if not self.budget.take(n):
-            raise ApiError(503, {"error": "busy", "reason": "too many request bodies are being received at once; "
-                                                          "retry shortly"},
-                           {"Retry-After": "1", "Connection": "close"})
+            raise ApiError(
+                503,
+                {
+                    "error": "busy",
+                    "reason": "too many request bodies are being received at once; retry shortly",
+                },
+                {"Retry-After": "1", "Connection": "close"},
+            )
         held[0] += n
 
     def _too_large(self) -> ApiError:
-        return ApiError(413, {"error": "body_too_large", "reason": f"at most {self.max_body} bytes a request"},
-                        {"Connection": "close"})
+        return ApiError(
+            413,
+            {"error": "body_too_large", "reason": f"at most {self.max_body} bytes a request"},
+            {"Connection": "close"},
+        )
 
     async def _commit(self, events: list[Event], dedup: Dedup | None) -> Committed:
         try:
             return await self.outbox.commit(events, dedup=dedup)
         except BufferUnavailable as exc:
-            raise ApiError(503, {"error": exc.code, "reason": _UNAVAILABLE.get(exc.code, str(exc))},
-                           {"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(
+                503,
+                {"error": exc.code, "reason": _UNAVAILABLE.get(exc.code, str(exc))},
+                {"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
 
 
 _UNAVAILABLE = {
@@ -526,8 +603,13 @@ def _replay(stored: bytes, digest: bytes) -> Response:
     """The first answer again for a repeated key, or 422 if the body is not the first one's."""
     first_digest, committed = parse_result(stored)
     if first_digest != digest:
-        raise ApiError(422, {"error": "idempotency_key_reused",
-                             "reason": "this Idempotency-Key was used for a different request body"})
+        raise ApiError(
+            422,
+            {
+                "error": "idempotency_key_reused",
+                "reason": "this Idempotency-Key was used for a different request body",
+            },
+        )
     return Response(_answer(committed), 200, {"Idempotent-Replayed": "true"}, media_type=JSON_TYPE)
 
 
@@ -604,12 +686,22 @@ class RequestGuard:
             elif name == b"sec-fetch-site":
                 fetch_site = value.decode("latin-1").lower()
         if host is None or not self.host_ok(host):
-            return 421, {"error": "misdirected_request",
-                         "reason": "the Host header does not name this server (use 127.0.0.1:PORT or localhost:PORT)"}
-        if origin is not None and not (origin.lower().startswith("http://") and origin[7:].lower() == host.lower()):
-            return 403, {"error": "cross_origin", "reason": "requests from web pages of other origins are refused"}
+            return 421, {
+                "error": "misdirected_request",
+                "reason": "the Host header does not name this server (use 127.0.0.1:PORT or localhost:PORT)",
+            }
+        if origin is not None and not (
+            origin.lower().startswith("http://") and origin[7:].lower() == host.lower()
+        ):
+            return 403, {
+                "error": "cross_origin",
+                "reason": "requests from web pages of other origins are refused",
+            }
         if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-            return 403, {"error": "cross_origin", "reason": "requests from web pages of other origins are refused"}
+            return 403, {
+                "error": "cross_origin",
+                "reason": "requests from web pages of other origins are refused",
+            }
         return None
 
 
@@ -626,8 +718,13 @@ def make_app(cfg: AgentConfig, outbox: Outbox, reporter: StatusReporter, uplink:
         body = {
             "ok": not problems,
             "version": __version__,
-            "buffer": {"open": outbox.alive, "writable": outbox.alive and not outbox.failure,
-                       "failure": outbox.failure, "events": outbox.count, "bytes": outbox.bytes},
+            "buffer": {
+                "open": outbox.alive,
+                "writable": outbox.alive and not outbox.failure,
+                "failure": outbox.failure,
+                "events": outbox.count,
+                "bytes": outbox.bytes,
+            },
             "mqtt": {"configured": up.configured, "connected": up.connected, "last_error": up.last_error},
             "threads": {"buffer_writer": outbox.alive, "uplink": uplink.alive},
             "problems": problems,
@@ -673,4 +770,3 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     # one log line (logsetup keeps it to the exception's type and text); nothing of it in the answer
     log.error("local API: %s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
     return json_response(500, {"error": "internal_error"})
-

@@ -44,8 +44,10 @@ def main() -> None:
                 sent += sum(c.n for c in chunks)
             outbox.flush()
             wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            print(f"read + ack: {sent:,} events in {wall:.2f} s: {sent / wall:,.0f} events/s, "
-                  f"CPU {cpu / sent * 1e6:.2f} us/event; left in buffer {outbox.count}")
+            print(
+                f"read + ack: {sent:,} events in {wall:.2f} s: {sent / wall:,.0f} events/s, "
+                f"CPU {cpu / sent * 1e6:.2f} us/event; left in buffer {outbox.count}"
+            )
 
 
 if __name__ == "__main__":

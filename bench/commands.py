@@ -68,8 +68,11 @@ def run(cloud: Commander, agent: AgentProcess, label: str, count: int, make) -> 
         latencies.append(cloud.reply_time(cid) - sent)  # type: ignore[operator]
     cpu = cpu_seconds(agent.pid) - cpu0
     ms = [x * 1000 for x in latencies]
-    print(f"{label:<34} n={count:<5} p50={pct(ms, 0.5):6.2f} ms  p99={pct(ms, 0.99):6.2f} ms  "
-          f"max={max(ms):6.2f} ms  agent CPU {cpu / count * 1000:5.2f} ms/command", flush=True)
+    print(
+        f"{label:<34} n={count:<5} p50={pct(ms, 0.5):6.2f} ms  p99={pct(ms, 0.99):6.2f} ms  "
+        f"max={max(ms):6.2f} ms  agent CPU {cpu / count * 1000:5.2f} ms/command",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -77,8 +80,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--backlog", type=int, default=200_000)
     parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--broker-nagle", action="store_true",
-                        help="leave mosquitto's set_tcp_nodelay at its default (false)")
+    parser.add_argument(
+        "--broker-nagle", action="store_true", help="leave mosquitto's set_tcp_nodelay at its default (false)"
+    )
     args = parser.parse_args()
     nodelay = not args.broker_nagle
     print_machine()
@@ -87,30 +91,67 @@ def main() -> None:
     key = Ed25519PrivateKey.generate()
     pub = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
     broker = Mosquitto(work / "mq", extra_conf="set_tcp_nodelay true\n" if nodelay else "").start()
-    print(f"data_dir {data}; broker mosquitto on 127.0.0.1:{broker.port}, set_tcp_nodelay {str(nodelay).lower()}",
-          flush=True)
-    cfg = write_config(work / "agent.toml", data, broker.port,
-                       toml_table("log", {"level": "warning"}) + toml_table("commands.public_keys", {"ops": pub}))
+    print(
+        f"data_dir {data}; broker mosquitto on 127.0.0.1:{broker.port}, set_tcp_nodelay {str(nodelay).lower()}",
+        flush=True,
+    )
+    cfg = write_config(
+        work / "agent.toml",
+        data,
+        broker.port,
+        toml_table("log", {"level": "warning"}) + toml_table("commands.public_keys", {"ops": pub}),
+    )
     cloud = Commander(broker.port, client_id="bench-cloud").start()
     agent = AgentProcess(cfg, work / "agent.log").start()
     try:
         if not cloud.wait_serving():
             raise SystemExit(f"the agent did not answer: {agent.tail()}")
         run(cloud, agent, "status", args.count, lambda cid, i: ("status", {"id": cid}))
-        run(cloud, agent, "set_log_level", args.count,
-            lambda cid, i: ("set_log_level", {"id": cid, "args": {"level": "warning"}}))
-        run(cloud, agent, "erase_subject (signed)", args.count,
-            lambda cid, i: ("erase_subject", sign(key, "ops", "erase_subject", {
-                "id": cid, "expires": "2099-01-01T00:00:00Z", "args": {"member_id": f"M{i}"}})))
+        run(
+            cloud,
+            agent,
+            "set_log_level",
+            args.count,
+            lambda cid, i: ("set_log_level", {"id": cid, "args": {"level": "warning"}}),
+        )
+        run(
+            cloud,
+            agent,
+            "erase_subject (signed)",
+            args.count,
+            lambda cid, i: (
+                "erase_subject",
+                sign(
+                    key,
+                    "ops",
+                    "erase_subject",
+                    {"id": cid, "expires": "2099-01-01T00:00:00Z", "args": {"member_id": f"M{i}"}},
+                ),
+            ),
+        )
         agent.stop()
         if args.backlog:
-            prefill(data, [Event("pos.sale", {"txn_id": f"T{i}", "total": "12.50", "member_id": f"M{i % 977}"},
-                                 "pos:front-1") for i in range(args.backlog)])
+            prefill(
+                data,
+                [
+                    Event(
+                        "pos.sale",
+                        {"txn_id": f"T{i}", "total": "12.50", "member_id": f"M{i % 977}"},
+                        "pos:front-1",
+                    )
+                    for i in range(args.backlog)
+                ],
+            )
             agent.start()
             if not cloud.wait_serving():
                 raise SystemExit(f"the agent did not answer: {agent.tail()}")
-            run(cloud, agent, f"status, draining {args.backlog} events", min(args.count, 200),
-                lambda cid, i: ("status", {"id": cid}))
+            run(
+                cloud,
+                agent,
+                f"status, draining {args.backlog} events",
+                min(args.count, 200),
+                lambda cid, i: ("status", {"id": cid}),
+            )
     finally:
         agent.stop()
         cloud.stop()

@@ -32,12 +32,29 @@ def encode(events: list[Event]) -> bytes:
 
 def kinds() -> dict[str, tuple[bytes, int]]:
     small = [Event("app.checkin", {"member": f"m-{i % 9973}", "lane": i % 8}, "tablet-1") for i in range(500)]
-    sale = Event("pos.sale", {
-        "register": "R1", "txn_id": "R1-000123", "total": 4790, "currency": "EUR", "tender": "card",
-        "lines": [{"sku": f"40012345{i:05d}", "qty": 1 + i % 3, "price": 199 + 50 * i, "desc": f"Item {i}"}
-                  for i in range(6)]}, "pos:front-1")
-    traffic = [Event("traffic.summary", {"zone": f"z{i % 4}", "count": i % 17, "dwell_p50_s": 31.5 + i % 9,
-                                         "window_s": 60}, "ble") for i in range(500)]
+    sale = Event(
+        "pos.sale",
+        {
+            "register": "R1",
+            "txn_id": "R1-000123",
+            "total": 4790,
+            "currency": "EUR",
+            "tender": "card",
+            "lines": [
+                {"sku": f"40012345{i:05d}", "qty": 1 + i % 3, "price": 199 + 50 * i, "desc": f"Item {i}"}
+                for i in range(6)
+            ],
+        },
+        "pos:front-1",
+    )
+    traffic = [
+        Event(
+            "traffic.summary",
+            {"zone": f"z{i % 4}", "count": i % 17, "dwell_p50_s": 31.5 + i % 9, "window_s": 60},
+            "ble",
+        )
+        for i in range(500)
+    ]
     return {
         "500 small events": (encode(small), 500),
         "1 small event": (encode(small[:1]), 1),
@@ -92,8 +109,10 @@ def main() -> None:
             packed, c_s = timed(compress, body, args.rounds)
             unpacked, d_s = timed(decompress, packed, args.rounds)
             assert unpacked == body
-            print(f"  {name:8} {len(packed) / n:7.1f} bytes/event  compress {c_s / n * 1e6:6.2f} us/event  "
-                  f"decompress {d_s / n * 1e6:6.3f} us/event")
+            print(
+                f"  {name:8} {len(packed) / n:7.1f} bytes/event  compress {c_s / n * 1e6:6.2f} us/event  "
+                f"decompress {d_s / n * 1e6:6.3f} us/event"
+            )
 
 
 if __name__ == "__main__":

@@ -50,12 +50,21 @@ TOKEN = "bench-token-0123456789"
 
 
 def small_events(n: int, start: int = 0) -> list[Event]:
-    return [Event("app.checkin", {"member": f"m-{(start + i) % 9973}", "lane": i % 8}, "tablet-1")
-            for i in range(n)]
+    return [
+        Event("app.checkin", {"member": f"m-{(start + i) % 9973}", "lane": i % 8}, "tablet-1")
+        for i in range(n)
+    ]
 
 
-def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Path | None = None,
-                 max_bytes: int = 1 << 30, log_level: str = "warning") -> Path:
+def write_config(
+    work: Path,
+    broker_port: int | None,
+    api_port: int,
+    *,
+    data: Path | None = None,
+    max_bytes: int = 1 << 30,
+    log_level: str = "warning",
+) -> Path:
     (work / "token").write_text(TOKEN + "\n")
     mqtt = f'host = "127.0.0.1"\nport = {broker_port}\ntls = false\n' if broker_port else ""
     config = work / "agent.toml"
@@ -63,7 +72,7 @@ def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Pa
         f'[agent]\ntenant = "bench"\nstore = "s1"\nid = "a1"\ndata_dir = "{data or work / "data"}"\n'
         f"[mqtt]\n{mqtt}"
         f'[local_api]\nlisten = "127.0.0.1:{api_port}"\ntoken_file = "{work / "token"}"\n'
-        f'[buffer]\nmax_bytes = {max_bytes}\n'
+        f"[buffer]\nmax_bytes = {max_bytes}\n"
         f'[log]\nlevel = "{log_level}"\n'
     )
     return config
@@ -71,8 +80,12 @@ def write_config(work: Path, broker_port: int | None, api_port: int, *, data: Pa
 
 def start_agent(config: Path, work: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = open(work / "agent.log", "ab")
-    return subprocess.Popen([STORE_AGENT, "run", "--config", str(config)], stdout=log, stderr=log,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [STORE_AGENT, "run", "--config", str(config)],
+        stdout=log,
+        stderr=log,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -193,7 +206,9 @@ def bench_ingest(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         outbox = Outbox(Path(tmp) / "buffer.db", tenant="bench", store="s1", agent="a1").start()
         per_thread = args.events // 4
-        batches = [[small_events(500, t * per_thread + i) for i in range(0, per_thread, 500)] for t in range(4)]
+        batches = [
+            [small_events(500, t * per_thread + i) for i in range(0, per_thread, 500)] for t in range(4)
+        ]
         cpu0, t0 = time.process_time(), time.perf_counter()
 
         def work(mine: list[list[Event]]) -> None:
@@ -208,8 +223,10 @@ def bench_ingest(args: argparse.Namespace) -> None:
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         outbox.close()
         n = per_thread * 4
-        print(f"ingest: {n:,} events in batches of 500 from 4 threads: {n / wall:,.0f} events/s durable; "
-              f"CPU {cpu / n * 1e6:.2f} us/event")
+        print(
+            f"ingest: {n:,} events in batches of 500 from 4 threads: {n / wall:,.0f} events/s durable; "
+            f"CPU {cpu / n * 1e6:.2f} us/event"
+        )
 
 
 def bench_drain(args: argparse.Namespace) -> None:
@@ -227,7 +244,9 @@ def bench_drain(args: argparse.Namespace) -> None:
         expected = ctx.Value("q", args.events)
         ready = ctx.Event()
         result: mp.Queue = ctx.Queue()
-        sub = ctx.Process(target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, result))
+        sub = ctx.Process(
+            target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, result)
+        )
         sub.start()
         ready.wait(10)
         agent = start_agent(config, work)
@@ -244,10 +263,12 @@ def bench_drain(args: argparse.Namespace) -> None:
             stop(agent)
             sub.join(5)
             broker.stop()
-        print(f"drain: {args.events:,} buffered events ({size_mb:.0f} MB on disk) to mosquitto at QoS 1: "
-              f"{report['distinct'] / wall:,.0f} events/s (start-up included, {wall:.1f} s); "
-              f"agent CPU {cpu / args.events * 1e6:.2f} us/event (start-up included); peak RSS {peak:.1f} MB; "
-              f"received {report['distinct']:,} distinct, {report['duplicates']} duplicates; left in buffer {left}")
+        print(
+            f"drain: {args.events:,} buffered events ({size_mb:.0f} MB on disk) to mosquitto at QoS 1: "
+            f"{report['distinct'] / wall:,.0f} events/s (start-up included, {wall:.1f} s); "
+            f"agent CPU {cpu / args.events * 1e6:.2f} us/event (start-up included); peak RSS {peak:.1f} MB; "
+            f"received {report['distinct']:,} distinct, {report['duplicates']} duplicates; left in buffer {left}"
+        )
 
 
 def latency_subscriber(port: int, topic: str, ready, result, seconds: float) -> None:
@@ -280,8 +301,10 @@ def bench_latency(args: argparse.Namespace) -> None:
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
         result: mp.Queue = ctx.Queue()
-        sub = ctx.Process(target=latency_subscriber,
-                          args=(broker.port, "retail/bench/s1/a1/up/#", ready, result, args.seconds))
+        sub = ctx.Process(
+            target=latency_subscriber,
+            args=(broker.port, "retail/bench/s1/a1/up/#", ready, result, args.seconds),
+        )
         sub.start()
         ready.wait(10)
         api_port = free_port()
@@ -302,7 +325,9 @@ def bench_latency(args: argparse.Namespace) -> None:
                     pause = due - time.perf_counter()
                     if pause > 0:
                         time.sleep(pause)
-                    body = orjson.dumps([{"type": "app.ping", "data": {"t0": time.time(), "c": k, "n": counts[k]}}])
+                    body = orjson.dumps(
+                        [{"type": "app.ping", "data": {"t0": time.time(), "c": k, "n": counts[k]}}]
+                    )
                     conn.request("POST", "/v1/events", body, headers)
                     conn.getresponse().read()
                     counts[k] += 1
@@ -321,9 +346,11 @@ def bench_latency(args: argparse.Namespace) -> None:
             sub.join(5)
             broker.stop()
         p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-        print(f"latency: {sent:,} events posted one per request by {args.clients} clients at {achieved:,.0f}/s; commit->subscriber "
-              f"(from before the POST) p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {latencies[-1] * 1000:.1f} ms; "
-              f"received {len(latencies):,}; agent CPU {cpu / max(sent, 1) * 1e6:.1f} us/event at one event a request")
+        print(
+            f"latency: {sent:,} events posted one per request by {args.clients} clients at {achieved:,.0f}/s; commit->subscriber "
+            f"(from before the POST) p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {latencies[-1] * 1000:.1f} ms; "
+            f"received {len(latencies):,}; agent CPU {cpu / max(sent, 1) * 1e6:.1f} us/event at one event a request"
+        )
 
 
 def bench_idle(args: argparse.Namespace) -> None:
@@ -350,15 +377,19 @@ def bench_size(args: argparse.Namespace) -> None:
     """Bytes of buffer (database + WAL) per small event, batched and one by one."""
     for label, per_commit in (("batches of 500", 500), ("one event a commit", 1)):
         with tempfile.TemporaryDirectory(prefix="bench-size-") as tmp:
-            outbox = Outbox(Path(tmp) / "buffer.db", tenant="acme", store="sh-0012", agent="till-pc-1").start()
+            outbox = Outbox(
+                Path(tmp) / "buffer.db", tenant="acme", store="sh-0012", agent="till-pc-1"
+            ).start()
             n = args.events if per_commit > 1 else min(args.events, 20_000)
             for i in range(0, n, per_commit):
                 outbox.commit_sync(small_events(per_commit, i))
             body = outbox.bytes / n
             outbox.close()
             size = sum(p.stat().st_size for p in Path(tmp).iterdir() if p.name.startswith("buffer.db"))
-            print(f"size: {n:,} small events ({label}): {size / n:.0f} bytes of buffer file per event "
-                  f"(envelope + row {body:.0f} bytes)")
+            print(
+                f"size: {n:,} small events ({label}): {size / n:.0f} bytes of buffer file per event "
+                f"(envelope + row {body:.0f} bytes)"
+            )
 
 
 def fill_api(api_port: int, n: int, clients: int = 4) -> float:
@@ -366,7 +397,10 @@ def fill_api(api_port: int, n: int, clients: int = 4) -> float:
     ctx = mp.get_context("spawn")
     ready, start, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     per = n // clients
-    procs = [ctx.Process(target=api_client, args=(api_port, per, 500, w, ready, start, results)) for w in range(clients)]
+    procs = [
+        ctx.Process(target=api_client, args=(api_port, per, 500, w, ready, start, results))
+        for w in range(clients)
+    ]
     for proc in procs:
         proc.start()
     for _ in procs:
@@ -414,7 +448,9 @@ def bench_backlog(args: argparse.Namespace) -> None:
             expected, ready, result = ctx.Value("q", n), ctx.Event(), ctx.Queue()
             holder.close()
             broker.start()
-            sub = ctx.Process(target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, result))
+            sub = ctx.Process(
+                target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, result)
+            )
             sub.start()
             ready.wait(10)
             cpu0, t0 = tree_cpu_seconds(agent.pid), time.time()
@@ -436,18 +472,29 @@ def bench_backlog(args: argparse.Namespace) -> None:
                 sub_proc.join(5)
             broker.stop()
         mb = 1e6
-        fill = (f"{n / fill_wall:,.0f} events/s through the local API, agent CPU {fill_cpu / n * 1e6:.2f} us/event"
-                if args.fill == "api" else "prefilled")
-        print(f"backlog {n:,} ({args.fill}, max_bytes {args.max_bytes:,}): fill {fill}; WAL max {fill_wal_max / mb:.1f} MB, data_dir max "
-              f"{fill_dir_max / mb:.1f} MB during the fill")
-        print(f"  before the drain: data_dir {before_dir / mb:.1f} MB ({before_dir / n:.0f} B on disk per event), "
-              f"WAL {before_wal / mb:.1f} MB")
-        print(f"  drain: {report['distinct'] / wall:,.0f} events/s ({wall:.1f} s, broker start to last event), "
-              f"agent CPU {drain_cpu / n * 1e6:.2f} us/event; received {report['distinct']:,} distinct, "
-              f"{report['duplicates']} duplicates, {left} left in the buffer; during: WAL max {drain_wal_max / mb:.1f} MB, data_dir max "
-              f"{drain_dir_max / mb:.1f} MB")
-        print(f"  after the drain: WAL {after_wal / mb:.2f} MB, data_dir {after_dir / mb:.1f} MB; "
-              f"agent peak RSS over the whole run {peak:.1f} MB (VmHWM; sampled max {sampler.rss_max:.1f} MB)")
+        fill = (
+            f"{n / fill_wall:,.0f} events/s through the local API, agent CPU {fill_cpu / n * 1e6:.2f} us/event"
+            if args.fill == "api"
+            else "prefilled"
+        )
+        print(
+            f"backlog {n:,} ({args.fill}, max_bytes {args.max_bytes:,}): fill {fill}; WAL max {fill_wal_max / mb:.1f} MB, data_dir max "
+            f"{fill_dir_max / mb:.1f} MB during the fill"
+        )
+        print(
+            f"  before the drain: data_dir {before_dir / mb:.1f} MB ({before_dir / n:.0f} B on disk per event), "
+            f"WAL {before_wal / mb:.1f} MB"
+        )
+        print(
+            f"  drain: {report['distinct'] / wall:,.0f} events/s ({wall:.1f} s, broker start to last event), "
+            f"agent CPU {drain_cpu / n * 1e6:.2f} us/event; received {report['distinct']:,} distinct, "
+            f"{report['duplicates']} duplicates, {left} left in the buffer; during: WAL max {drain_wal_max / mb:.1f} MB, data_dir max "
+            f"{drain_dir_max / mb:.1f} MB"
+        )
+        print(
+            f"  after the drain: WAL {after_wal / mb:.2f} MB, data_dir {after_dir / mb:.1f} MB; "
+            f"agent peak RSS over the whole run {peak:.1f} MB (VmHWM; sampled max {sampler.rss_max:.1f} MB)"
+        )
 
 
 def ready_listener(path: Path) -> socket.socket:
@@ -503,14 +550,18 @@ def bench_startup(args: argparse.Namespace) -> None:
         agent.wait()
         unclean = time_startup(config, work, api_port, cold=True)
         for label, (ready_s, api_s, checked) in (("after a clean stop", clean), ("after kill -9", unclean)):
-            print(f"startup: buffer of {args.events:,} events ({size / 1e6:.0f} MB), out of cache, {label}: "
-                  f"READY=1 after {ready_s:.2f} s, API answering after {api_s:.2f} s; "
-                  f"full quick_check {'ran' if checked else 'skipped'}")
+            print(
+                f"startup: buffer of {args.events:,} events ({size / 1e6:.0f} MB), out of cache, {label}: "
+                f"READY=1 after {ready_s:.2f} s, API answering after {api_s:.2f} s; "
+                f"full quick_check {'ran' if checked else 'skipped'}"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["ingest", "drain", "latency", "idle", "size", "backlog", "startup", "all"])
+    parser.add_argument(
+        "what", choices=["ingest", "drain", "latency", "idle", "size", "backlog", "startup", "all"]
+    )
     parser.add_argument("--events", type=int, default=None)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -520,7 +571,13 @@ def main() -> None:
     parser.add_argument("--data", help="startup: a data_dir to reuse (filled on the first run)")
     args = parser.parse_args()
     print_machine()
-    defaults = {"ingest": 500_000, "drain": 1_000_000, "size": 100_000, "backlog": 1_000_000, "startup": 5_000_000}
+    defaults = {
+        "ingest": 500_000,
+        "drain": 1_000_000,
+        "size": 100_000,
+        "backlog": 1_000_000,
+        "startup": 5_000_000,
+    }
     todo = ["ingest", "size", "idle", "latency", "drain"] if args.what == "all" else [args.what]
     events = args.events
     for what in todo:

@@ -55,7 +55,9 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if p == pid else 0)) / CLK_TCK
+        total += (
+            int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if p == pid else 0)
+        ) / CLK_TCK
     return total
 
 
@@ -93,7 +95,9 @@ def thread_names(pid: int) -> dict[int, str]:
     if not spy.exists():
         return {}
     try:
-        text = subprocess.run([str(spy), "dump", "-p", str(pid)], capture_output=True, text=True, timeout=20).stdout
+        text = subprocess.run(
+            [str(spy), "dump", "-p", str(pid)], capture_output=True, text=True, timeout=20
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
     return {int(m[1]): m[2] for m in re.finditer(r'^Thread (\d+) \([^)]*\): "([^"]*)"', text, re.M)}
@@ -144,7 +148,14 @@ def subscriber(port: int, topic: str, expected: Any, ready: Any, result: Any) ->
         if time.monotonic() - idle_since > (30 if target >= 0 else 120):
             break
     client.disconnect()
-    result.put({"distinct": len(seen), "duplicates": state["dupes"], "last": state["last"], "messages": state["msgs"]})
+    result.put(
+        {
+            "distinct": len(seen),
+            "duplicates": state["dupes"],
+            "last": state["last"],
+            "messages": state["msgs"],
+        }
+    )
 
 
 def make_bodies(n_events: int, batch: int, worker: int) -> list[bytes]:
@@ -152,15 +163,24 @@ def make_bodies(n_events: int, batch: int, worker: int) -> list[bytes]:
     bodies = []
     for sent in range(0, n_events, batch):
         size = min(batch, n_events - sent)
-        bodies.append(orjson.dumps([
-            {
-                "type": "app.checkin",
-                "source": f"tablet-{worker}",
-                "ts": f"2026-11-23T09:{(sent + i) // 60 % 60:02d}:{(sent + i) % 60:02d}.{i % 1000:03d}+01:00",
-                "data": {"member": f"m-{(sent + i) % 9973}", "lane": i % 8, "worker": worker, "n": sent + i},
-            }
-            for i in range(size)
-        ]))
+        bodies.append(
+            orjson.dumps(
+                [
+                    {
+                        "type": "app.checkin",
+                        "source": f"tablet-{worker}",
+                        "ts": f"2026-11-23T09:{(sent + i) // 60 % 60:02d}:{(sent + i) % 60:02d}.{i % 1000:03d}+01:00",
+                        "data": {
+                            "member": f"m-{(sent + i) % 9973}",
+                            "lane": i % 8,
+                            "worker": worker,
+                            "n": sent + i,
+                        },
+                    }
+                    for i in range(size)
+                ]
+            )
+        )
     return bodies
 
 
@@ -212,7 +232,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--py-spy", metavar="FILE", help="also sample the agent with py-spy (collapsed stacks)")
+    parser.add_argument(
+        "--py-spy", metavar="FILE", help="also sample the agent with py-spy (collapsed stacks)"
+    )
     args = parser.parse_args()
     print_machine()
 
@@ -232,21 +254,29 @@ def main() -> None:
         expected = ctx.Value("q", -1)
         ready, go = ctx.Event(), ctx.Event()
         sub_result: mp.Queue = ctx.Queue()
-        sub = ctx.Process(target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, sub_result))
+        sub = ctx.Process(
+            target=subscriber, args=(broker.port, "retail/bench/s1/a1/up/#", expected, ready, sub_result)
+        )
         sub.start()
         if not ready.wait(10):
             raise RuntimeError("subscriber did not subscribe")
         agent_log = open(work / "agent.log", "wb")
-        agent = subprocess.Popen([STORE_AGENT, "run", "--config", str(config)], stdout=agent_log, stderr=agent_log)
+        agent = subprocess.Popen(
+            [STORE_AGENT, "run", "--config", str(config)], stdout=agent_log, stderr=agent_log
+        )
         try:
             wait_healthy(api_port)
             rss_idle = memory_mb(agent.pid, "VmRSS")
             results: mp.Queue = ctx.Queue()
-            per_client = [args.events // args.clients + (1 if i < args.events % args.clients else 0)
-                          for i in range(args.clients)]
+            per_client = [
+                args.events // args.clients + (1 if i < args.events % args.clients else 0)
+                for i in range(args.clients)
+            ]
             made = ctx.Semaphore(0)
-            clients = [ctx.Process(target=client, args=(api_port, n, args.batch, i, made, go, results))
-                       for i, n in enumerate(per_client)]
+            clients = [
+                ctx.Process(target=client, args=(api_port, n, args.batch, i, made, go, results))
+                for i, n in enumerate(per_client)
+            ]
             for c in clients:
                 c.start()
             for _ in clients:  # every client has made its bodies before the clock starts
@@ -254,9 +284,24 @@ def main() -> None:
                     raise RuntimeError("a client did not get ready")
             spy = None
             if args.py_spy:
-                spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-p", str(agent.pid),
-                                        "-f", "raw", "-o", args.py_spy, "-r", "250", "--threads", "--nonblocking"],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy = subprocess.Popen(
+                    [
+                        str(ROOT / ".venv" / "bin" / "py-spy"),
+                        "record",
+                        "-p",
+                        str(agent.pid),
+                        "-f",
+                        "raw",
+                        "-o",
+                        args.py_spy,
+                        "-r",
+                        "250",
+                        "--threads",
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 time.sleep(1.0)
             cpu0 = cpu_seconds(agent.pid)
             threads0 = thread_cpu(agent.pid)
@@ -295,26 +340,47 @@ def main() -> None:
         elapsed = t_end - t0
         lost = accepted - sub_report["distinct"]
         cpu_us = (cpu1 - cpu0) * 1e6 / max(1, accepted)
-        print(f"events: {accepted} accepted of {args.events} ({failures} non-200 answers), "
-              f"batches of {args.batch}, {args.clients} clients")
-        print(f"end to end: {accepted / elapsed:,.0f} events/s ({elapsed:.2f} s; all posted after "
-              f"{t_posted - t0:.2f} s)")
-        print(f"request latency: p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, "
-              f"p99 {latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000:.1f} ms "
-              f"({len(latencies)} requests)")
+        print(
+            f"events: {accepted} accepted of {args.events} ({failures} non-200 answers), "
+            f"batches of {args.batch}, {args.clients} clients"
+        )
+        print(
+            f"end to end: {accepted / elapsed:,.0f} events/s ({elapsed:.2f} s; all posted after "
+            f"{t_posted - t0:.2f} s)"
+        )
+        print(
+            f"request latency: p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, "
+            f"p99 {latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000:.1f} ms "
+            f"({len(latencies)} requests)"
+        )
         print(f"agent CPU: {cpu_us:.2f} us/event ({cpu1 - cpu0:.2f} s user+sys)")
         per_event = 1e6 / max(1, accepted)
         split = []
         for tid, (user, system) in threads1.items():
             user0, system0 = threads0.get(tid, (0.0, 0.0))
-            split.append((user - user0 + system - system0, user - user0, system - system0,
-                          names.get(tid, f"thread {tid}")))
-        print("agent CPU by thread (us/event, user+sys): " + ", ".join(
-            f"{name} {cpu * per_event:.2f} ({user * per_event:.2f}+{system * per_event:.2f})"
-            for cpu, user, system, name in sorted(split, reverse=True) if cpu > 0))
-        print(f"agent peak RSS (VmHWM): {rss:.1f} MB (RSS {rss_idle:.1f} MB idle before, {rss_end:.1f} MB at the end)")
-        print(f"upstream: {sub_report['distinct']} distinct events in {sub_report['messages']} messages, "
-              f"duplicates {sub_report['duplicates']}, lost {lost}")
+            split.append(
+                (
+                    user - user0 + system - system0,
+                    user - user0,
+                    system - system0,
+                    names.get(tid, f"thread {tid}"),
+                )
+            )
+        print(
+            "agent CPU by thread (us/event, user+sys): "
+            + ", ".join(
+                f"{name} {cpu * per_event:.2f} ({user * per_event:.2f}+{system * per_event:.2f})"
+                for cpu, user, system, name in sorted(split, reverse=True)
+                if cpu > 0
+            )
+        )
+        print(
+            f"agent peak RSS (VmHWM): {rss:.1f} MB (RSS {rss_idle:.1f} MB idle before, {rss_end:.1f} MB at the end)"
+        )
+        print(
+            f"upstream: {sub_report['distinct']} distinct events in {sub_report['messages']} messages, "
+            f"duplicates {sub_report['duplicates']}, lost {lost}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ def cpu_model() -> str:
 
 def describe() -> str:
     """One line: CPU model, cores, kernel, Python."""
-    return (f"machine: {cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def print_machine() -> None:

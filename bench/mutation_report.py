@@ -40,8 +40,7 @@ def function_lines(tree: ast.Module, name: str, class_name: str | None) -> tuple
 
 
 def changed_lines(diff: str) -> list[str]:
-    return [line for line in diff.splitlines()
-            if line[:1] in "-+" and not line.startswith(("---", "+++"))]
+    return [line for line in diff.splitlines() if line[:1] in "-+" and not line.startswith(("---", "+++"))]
 
 
 def diff_offset(diff: str) -> int:
@@ -101,15 +100,19 @@ def main() -> int:
             survivors.append((str(path), source_line(src, tree, key, diff), key, status, changed_lines(diff)))
 
     print()
-    print(f"{'module':<28} {'mutants':>7} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} "
-          f"{'other':>6} {'score':>7}")
+    print(
+        f"{'module':<28} {'mutants':>7} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} "
+        f"{'other':>6} {'score':>7}"
+    )
 
     def line(name: str, total: int, counts: Counter[str]) -> str:
         killed = counts["killed"] + counts["timeout"]
         other = total - killed - counts["survived"] - counts["no tests"]
         score = f"{100 * killed / total:.1f}%" if total else "-"
-        return (f"{name:<28} {total:>7} {counts['killed']:>7} {counts['timeout']:>7} {counts['survived']:>8} "
-                f"{counts['no tests']:>8} {other:>6} {score:>7}")
+        return (
+            f"{name:<28} {total:>7} {counts['killed']:>7} {counts['timeout']:>7} {counts['survived']:>8} "
+            f"{counts['no tests']:>8} {other:>6} {score:>7}"
+        )
 
     for name, total, counts in rows:
         print(line(name, total, counts))
@@ -117,8 +120,10 @@ def main() -> int:
     other = {k: v for k, v in totals.items() if k not in ("killed", "timeout", "survived", "no tests")}
     if other:
         print("other: " + ", ".join(f"{k} {v}" for k, v in sorted(other.items())))
-    print("score = (killed + timeout) / mutants; 'no tests': no selected test calls the function; "
-          "'not checked': the run ended (MUTATION_MAX_S) before that mutant")
+    print(
+        "score = (killed + timeout) / mutants; 'no tests': no selected test calls the function; "
+        "'not checked': the run ended (MUTATION_MAX_S) before that mutant"
+    )
 
     print()
     print(f"surviving mutants: {len(survivors)}")

@@ -45,15 +45,22 @@ def cpu_seconds(pid: int) -> float:
 
 def payload(n: int) -> bytes:
     """A typical three-item sale (about 450 bytes)."""
-    return orjson.dumps({
-        "txn_id": f"B-{os.getpid()}-{n:07d}", "register": "B1", "ts": "2026-11-23T16:15:02+08:00",
-        "kind": "sale", "total": "31.50", "currency": "CNY", "member_id": "M000123456",
-        "items": [
-            {"gtin": "06901234567892", "name": "矿泉水 550ml", "qty": 2, "unit_price": "2.00"},
-            {"gtin": "06920202888883", "name": "绿茶 500ml", "qty": 3, "unit_price": "3.50"},
-            {"gtin": "06903148144637", "name": "洗发水 400ml", "qty": 1, "unit_price": "17.00"},
-        ],
-    })
+    return orjson.dumps(
+        {
+            "txn_id": f"B-{os.getpid()}-{n:07d}",
+            "register": "B1",
+            "ts": "2026-11-23T16:15:02+08:00",
+            "kind": "sale",
+            "total": "31.50",
+            "currency": "CNY",
+            "member_id": "M000123456",
+            "items": [
+                {"gtin": "06901234567892", "name": "矿泉水 550ml", "qty": 2, "unit_price": "2.00"},
+                {"gtin": "06920202888883", "name": "绿茶 500ml", "qty": 3, "unit_price": "3.50"},
+                {"gtin": "06903148144637", "name": "洗发水 400ml", "qty": 1, "unit_price": "17.00"},
+            ],
+        }
+    )
 
 
 def exchange(master: int, frame: bytes, timeout: float) -> tuple[int | None, float]:
@@ -62,7 +69,7 @@ def exchange(master: int, frame: bytes, timeout: float) -> tuple[int | None, flo
     while with_view:
         select.select([], [master], [], timeout)
         try:
-            with_view = with_view[os.write(master, with_view):]
+            with_view = with_view[os.write(master, with_view) :]
         except BlockingIOError:
             pass
     sent = time.perf_counter()
@@ -85,12 +92,16 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="frames a second")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU measured first")
     parser.add_argument("--no-broker", action="store_true", help="no mosquitto: the agent only buffers")
-    parser.add_argument("--data-dir", type=Path, default=None, help="the agent's data_dir (default: a tmp dir)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="the agent's data_dir (default: a tmp dir)"
+    )
     args = parser.parse_args()
     print_machine()
 
@@ -109,7 +120,7 @@ def main() -> None:
     config = work / "agent.toml"
     config.write_text(
         f'[agent]\ntenant = "bench"\nstore = "s1"\nid = "pos-bench"\ndata_dir = "{data_dir}"\n'
-        f"[mqtt]\n{mqtt}[local_api]\nenabled = false\n[log]\nlevel = \"warning\"\n"
+        f'[mqtt]\n{mqtt}[local_api]\nenabled = false\n[log]\nlevel = "warning"\n'
         f'[[pos]]\nname = "bench"\nport = "{os.ttyname(slave)}"\n'
     )
     log = open(work / "agent.log", "wb")
@@ -158,13 +169,19 @@ def main() -> None:
         log.close()
     latencies.sort()
     count = len(frames)
-    print(f"frames: {count} at {args.rate:g}/s target, {count / wall:.1f}/s achieved, "
-          f"{unanswered} without ACK, broker: {'no' if broker is None else 'mosquitto'}, data_dir: {data_dir}")
+    print(
+        f"frames: {count} at {args.rate:g}/s target, {count / wall:.1f}/s achieved, "
+        f"{unanswered} without ACK, broker: {'no' if broker is None else 'mosquitto'}, data_dir: {data_dir}"
+    )
     if latencies:
         ms = [v * 1000 for v in latencies]
-        print(f"frame-to-ACK ms: p50 {percentile(ms, 50):.2f}  p99 {percentile(ms, 99):.2f}  max {ms[-1]:.2f}")
-    print(f"agent CPU: {cpu * 1e6 / count:.0f} µs per frame (user+sys, {cpu:.2f} s over {wall:.1f} s wall); "
-          f"idle {idle_rate * 1000:.1f} ms/s, so {(cpu - idle_rate * wall) * 1e6 / count:.0f} µs per frame net")
+        print(
+            f"frame-to-ACK ms: p50 {percentile(ms, 50):.2f}  p99 {percentile(ms, 99):.2f}  max {ms[-1]:.2f}"
+        )
+    print(
+        f"agent CPU: {cpu * 1e6 / count:.0f} µs per frame (user+sys, {cpu:.2f} s over {wall:.1f} s wall); "
+        f"idle {idle_rate * 1000:.1f} ms/s, so {(cpu - idle_rate * wall) * 1e6 / count:.0f} µs per frame net"
+    )
     print(f"bench (POS side) CPU: {own * 1e6 / count:.0f} µs per frame")
     if args.data_dir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -170,7 +170,9 @@ def run_presence(stream) -> tuple[float, float]:
         )
         for t, d, a in stream
     ]
-    presence = Presence(CONFIG.presence_params(), lambda e: None, key_source=lambda: b"bench-key-0123456789abcdef")
+    presence = Presence(
+        CONFIG.presence_params(), lambda e: None, key_source=lambda: b"bench-key-0123456789abcdef"
+    )
     observe, tick = presence.observe, presence.tick
     next_tick = 1.0
     wall, cpu = time.perf_counter(), time.process_time()

@@ -42,6 +42,7 @@ DURATIONS = [5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 63, 79, 100, 126, 158, 200
 
 # ---- (a) the simulation ------------------------------------------------------------------------
 
+
 def _new_schedule(rng: random.Random) -> Callable[[], float]:
     schedule = ReconnectSchedule(cap=30.0, rng=rng)
     return lambda: schedule.next_delay(answered=False)
@@ -52,8 +53,9 @@ def _old_schedule(rng: random.Random) -> Callable[[], float]:
     return backoff.next_delay
 
 
-def simulate(make: Callable[[random.Random], Callable[[], float]], down: float, agents: int = AGENTS,
-             seed: int = 12) -> tuple[list[float], list[float]]:
+def simulate(
+    make: Callable[[random.Random], Callable[[], float]], down: float, agents: int = AGENTS, seed: int = 12
+) -> tuple[list[float], list[float]]:
     """Attempt times and connect times of `agents` agents after a restart lasting `down` seconds."""
     rng = random.Random(seed)
     attempts: list[float] = []
@@ -87,9 +89,13 @@ def print_simulation(down: float = 20.0) -> None:
     new_a, new_c = simulate(_new_schedule, down)
     old_a, old_c = simulate(_old_schedule, down)
     na, nc, oa, oc = (_per_second(x, horizon) for x in (new_a, new_c, old_a, old_c))
-    print(f"\n(a) simulation: {AGENTS} agents, broker restarts at t=0 and listens again at t={down:g} s "
-          f"(seeded; the real schedule classes)")
-    print("    t (s) | new: attempts/s  connects/s | old full jitter 30 s: attempts/s  connects/s | new attempts")
+    print(
+        f"\n(a) simulation: {AGENTS} agents, broker restarts at t=0 and listens again at t={down:g} s "
+        f"(seeded; the real schedule classes)"
+    )
+    print(
+        "    t (s) | new: attempts/s  connects/s | old full jitter 30 s: attempts/s  connects/s | new attempts"
+    )
     peak = max(na) or 1
     for t in range(horizon):
         bar = "#" * round(50 * na[t] / peak)
@@ -99,15 +105,19 @@ def print_simulation(down: float = 20.0) -> None:
     for label, att, con in (("new", new_a, new_c), ("old", old_a, old_c)):
         waits = [c - down for c in con]
         during = [t for t in att if t < down]
-        print(f"    {label}: attempts while down {len(during)} ({len(during) / down:.0f}/s); "
-              f"peak connects {max(_per_second(con, horizon))}/s; broker back -> connected "
-              f"p50 {statistics.median(waits):.2f} s, p99 {_quantile(waits, 0.99):.2f} s, max {max(waits):.2f} s")
+        print(
+            f"    {label}: attempts while down {len(during)} ({len(during) / down:.0f}/s); "
+            f"peak connects {max(_per_second(con, horizon))}/s; broker back -> connected "
+            f"p50 {statistics.median(waits):.2f} s, p99 {_quantile(waits, 0.99):.2f} s, max {max(waits):.2f} s"
+        )
     for other in (2.0, 300.0):
         a, c = simulate(_new_schedule, other)
         waits = [x - other for x in c]
-        print(f"    new, restart of {other:g} s: peak connects {max(_per_second(c, int(other) + 32))}/s; "
-              f"attempts while down {sum(1 for t in a if t < other) / other:.0f}/s; "
-              f"broker back -> connected p50 {statistics.median(waits):.2f} s, max {max(waits):.2f} s")
+        print(
+            f"    new, restart of {other:g} s: peak connects {max(_per_second(c, int(other) + 32))}/s; "
+            f"attempts while down {sum(1 for t in a if t < other) / other:.0f}/s; "
+            f"broker back -> connected p50 {statistics.median(waits):.2f} s, max {max(waits):.2f} s"
+        )
 
 
 # ---- (b) real outages --------------------------------------------------------------------------
@@ -128,11 +138,14 @@ class _Pair:
         self.port = free_port()
         self.api_port = free_port()
         (self.root / "token").write_text(TOKEN + "\n")
-        config = write_config(self.root / "agent.toml", self.root / "data", self.port, api_port=self.api_port,
-                              agent=f"a{index}")
+        config = write_config(
+            self.root / "agent.toml", self.root / "data", self.port, api_port=self.api_port, agent=f"a{index}"
+        )
         text = config.read_text().replace("backoff_max_s = 1.0", "backoff_max_s = 30.0")  # the default
-        text = text.replace(f'listen = "127.0.0.1:{self.api_port}"\n',
-                            f'listen = "127.0.0.1:{self.api_port}"\ntoken_file = "{self.root / "token"}"\n')
+        text = text.replace(
+            f'listen = "127.0.0.1:{self.api_port}"\n',
+            f'listen = "127.0.0.1:{self.api_port}"\ntoken_file = "{self.root / "token"}"\n',
+        )
         config.write_text(text)
         self.broker = Mosquitto(self.root / "mq", port=self.port).start()
         self.agent = AgentProcess(config, self.root / "agent.log").start()
@@ -145,9 +158,12 @@ class _Pair:
         i = 0
         while not self._stop.wait(0.1):
             body = json.dumps([{"type": "app.tick", "data": {"i": i}}]).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}/v1/events", data=body, method="POST",
-                                         headers={"Authorization": f"Bearer {TOKEN}",
-                                                  "Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{self.api_port}/v1/events",
+                data=body,
+                method="POST",
+                headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=5):
                     pass
@@ -193,8 +209,10 @@ class _Pair:
                 first = self._first_event(back, 60)
                 wait = (first - back) if first is not None else float("inf")
                 self.results.append((duration, wait))
-                print(f"    pair {self.index}: outage {duration:4d} s -> first event {wait:6.2f} s after broker back",
-                      flush=True)
+                print(
+                    f"    pair {self.index}: outage {duration:4d} s -> first event {wait:6.2f} s after broker back",
+                    flush=True,
+                )
                 time.sleep(12)  # let the new session prove healthy before the next kill
         finally:
             self._stop.set()
@@ -209,24 +227,33 @@ def run_outages(pairs: int, durations: list[int]) -> list[tuple[int, float]]:
         min(loads, key=sum).append(d)
     for plan in loads:
         plan.sort()
-    print(f"\n(b) real outages: {len(durations)} outages of {min(durations)}-{max(durations)} s over {pairs} "
-          f"agent/broker pairs in parallel (longest plan {max(sum(p) for p in loads)} s of outage)", flush=True)
+    print(
+        f"\n(b) real outages: {len(durations)} outages of {min(durations)}-{max(durations)} s over {pairs} "
+        f"agent/broker pairs in parallel (longest plan {max(sum(p) for p in loads)} s of outage)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-reconnect-") as tmp:
         workers = [_Pair(Path(tmp), i) for i in range(pairs)]
-        threads = [threading.Thread(target=w.run, args=(plan,)) for w, plan in zip(workers, loads, strict=True)]
+        threads = [
+            threading.Thread(target=w.run, args=(plan,)) for w, plan in zip(workers, loads, strict=True)
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     results = [r for w in workers for r in w.results]
     waits = [w for _, w in results]
-    print(f"\n    broker back -> first event received: p50 {statistics.median(waits):.2f} s, "
-          f"max {max(waits):.2f} s over {len(waits)} outages of {min(durations)}-{max(durations)} s")
+    print(
+        f"\n    broker back -> first event received: p50 {statistics.median(waits):.2f} s, "
+        f"max {max(waits):.2f} s over {len(waits)} outages of {min(durations)}-{max(durations)} s"
+    )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sim-only", action="store_true")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--outages", type=int, default=len(DURATIONS))
@@ -235,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     print_machine()
     print_simulation(args.down)
     if not args.sim_only:
-        durations = DURATIONS if args.outages == len(DURATIONS) else [
-            round(5 * (60 ** (i / max(1, args.outages - 1)))) for i in range(args.outages)]
+        durations = (
+            DURATIONS
+            if args.outages == len(DURATIONS)
+            else [round(5 * (60 ** (i / max(1, args.outages - 1)))) for i in range(args.outages)]
+        )
         run_outages(args.pairs, durations)
     return 0
 

@@ -68,8 +68,10 @@ def pct(values: list[float], p: float) -> float:
 
 
 def line(label: str, ms: list[float], cpu: str) -> str:
-    return (f"{label:<38} p50 {statistics.median(ms):6.3f} ms  p99 {pct(ms, 99):6.3f} ms  "
-            f"max {max(ms):6.3f} ms  CPU/item {cpu}")
+    return (
+        f"{label:<38} p50 {statistics.median(ms):6.3f} ms  p99 {pct(ms, 99):6.3f} ms  "
+        f"max {max(ms):6.3f} ms  CPU/item {cpu}"
+    )
 
 
 def thread_cpu(thread: threading.Thread | None) -> float:
@@ -165,10 +167,17 @@ async def bench_tap(n: int, sizes: list[int]) -> None:
             tap_us = (time.thread_time() - loop0) / (n + 50) * 1e6  # the loop thread: the tap's work
             total_us = (time.process_time() - cpu0) / (n + 50) * 1e6
             print(line(f"pty alone, {size} B chunks", base, "-"))
-            print(line(f"through the tap, {size} B chunks", through,
-                       f"tap {tap_us:.0f} us, process {total_us:.0f} us"))
-            print(f"{'':<38} added by the tap: p50 {statistics.median(through) - statistics.median(base):.3f} ms"
-                  f"  p99 {pct(through, 99) - pct(base, 99):.3f} ms")
+            print(
+                line(
+                    f"through the tap, {size} B chunks",
+                    through,
+                    f"tap {tap_us:.0f} us, process {total_us:.0f} us",
+                )
+            )
+            print(
+                f"{'':<38} added by the tap: p50 {statistics.median(through) - statistics.median(base):.3f} ms"
+                f"  p99 {pct(through, 99) - pct(base, 99):.3f} ms"
+            )
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         outbox.close()

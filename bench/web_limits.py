@@ -93,12 +93,16 @@ def main() -> None:
         auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
         try:
             wait_healthy(url)
-            print(f"agent idle: RSS {memory_mb(agent.pid, 'VmRSS'):.1f} MB, open-file limit "
-                  f"{Path(f'/proc/{agent.pid}/limits').read_text().split('Max open files')[1].split()[0]}")
+            print(
+                f"agent idle: RSS {memory_mb(agent.pid, 'VmRSS'):.1f} MB, open-file limit "
+                f"{Path(f'/proc/{agent.pid}/limits').read_text().split('Max open files')[1].split()[0]}"
+            )
 
             sent = endless_headers(port)
-            print(f"1. endless headers: the agent closed the connection after {sent / 1e6:.2f} MB sent "
-                  f"(socket buffers included); agent peak RSS {memory_mb(agent.pid):.1f} MB")
+            print(
+                f"1. endless headers: the agent closed the connection after {sent / 1e6:.2f} MB sent "
+                f"(socket buffers included); agent peak RSS {memory_mb(agent.pid):.1f} MB"
+            )
 
             halves = []
             for _ in range(args.halves):
@@ -109,10 +113,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 health = c.get("/healthz").status_code
                 latency = time.perf_counter() - t0
-                posted = c.post("/v1/events", content=b'[{"type": "app.x", "data": {}}]', headers=auth).status_code
+                posted = c.post(
+                    "/v1/events", content=b'[{"type": "app.x", "data": {}}]', headers=auth
+                ).status_code
             open_fds = len(list(Path(f"/proc/{agent.pid}/fd").iterdir()))
-            print(f"2. {args.halves} idle half-requests open: GET /healthz {health} in {latency * 1000:.1f} ms, "
-                  f"POST /v1/events {posted}; the agent holds {open_fds} file descriptors")
+            print(
+                f"2. {args.halves} idle half-requests open: GET /healthz {health} in {latency * 1000:.1f} ms, "
+                f"POST /v1/events {posted}; the agent holds {open_fds} file descriptors"
+            )
             for s in halves:
                 s.close()
 
@@ -120,8 +128,10 @@ def main() -> None:
             chunk = b" " * (1 << 20)
             for _ in range(args.bodies):
                 s = socket.create_connection(("127.0.0.1", port))
-                s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
-                          "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+                s.sendall(
+                    f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                )
                 s.sendall(b"1\r\n[\r\n")
                 bodies.append(s)
             busy = 0
@@ -141,8 +151,10 @@ def main() -> None:
                         busy += 1
                 except OSError:
                     pass
-            print(f"3. {args.bodies} chunked bodies of 4 MiB less a byte, stalled: {busy} answered 503 busy; "
-                  f"agent peak RSS {memory_mb(agent.pid):.1f} MB")
+            print(
+                f"3. {args.bodies} chunked bodies of 4 MiB less a byte, stalled: {busy} answered 503 busy; "
+                f"agent peak RSS {memory_mb(agent.pid):.1f} MB"
+            )
             for s in bodies:
                 s.close()
         finally:

@@ -93,7 +93,9 @@ def bleak_scanner(adapter: str, mode: str, callback: Callback) -> Scanner:
         ]
         args = BlueZScannerArgs(adapter=adapter, or_patterns=patterns)
         return _BusChecked(BleakScanner(callback, scanning_mode="passive", bluez=args))
-    return _BusChecked(BleakScanner(callback, scanning_mode="active", bluez=BlueZScannerArgs(adapter=adapter)))
+    return _BusChecked(
+        BleakScanner(callback, scanning_mode="active", bluez=BlueZScannerArgs(adapter=adapter))
+    )
 
 
 class _BusChecked:

@@ -82,7 +82,12 @@ class StxEtxDriver:
             self.counts["nak"] += 1
             self._naks_unlogged += 1
             if arrived - self._nak_logged >= NAK_LOG_EVERY_S:
-                log.info("%s: NAK: %s (%d NAKs since the last line)", self.source, result.reason, self._naks_unlogged)
+                log.info(
+                    "%s: NAK: %s (%d NAKs since the last line)",
+                    self.source,
+                    result.reason,
+                    self._naks_unlogged,
+                )
                 self._nak_logged = arrived
                 self._naks_unlogged = 0
             await self._send(NAK_BYTES)
@@ -94,7 +99,9 @@ class StxEtxDriver:
             if not self._full:
                 self._full = True
                 log.warning("%s: buffer full: not acknowledging the POS until there is room", self.source)
-                self.health.report("pos", self.cfg.name, True, "buffer full: transactions are not acknowledged")
+                self.health.report(
+                    "pos", self.cfg.name, True, "buffer full: transactions are not acknowledged"
+                )
             return
         except EnvelopeError as exc:  # cannot happen for JSON we parsed; never crash the line
             self.counts["unanswered"] += 1
@@ -109,8 +116,11 @@ class StxEtxDriver:
             # the POS has given up on this copy and resent it (or will): an answer now would be
             # taken as the answer to its next frame; the resend is answered instead (dedup)
             self.counts["unanswered"] += 1
-            log.warning("%s: commit took longer than the POS waits (%.1f s): answer withheld",
-                        self.source, self.cfg.ack_timeout_s)
+            log.warning(
+                "%s: commit took longer than the POS waits (%.1f s): answer withheld",
+                self.source,
+                self.cfg.ack_timeout_s,
+            )
             return
         self.counts["ack"] += 1
         await self._send(ACK_BYTES)
@@ -134,4 +144,6 @@ class StxEtxDriver:
     async def _send(self, answer: bytes) -> None:
         # an answer the line cannot take within the POS's wait is useless: the POS resends
         if not await self.link.write(answer, timeout=self.cfg.ack_timeout_s):
-            log.warning("%s: the line did not take the answer within %.1f s", self.source, self.cfg.ack_timeout_s)
+            log.warning(
+                "%s: the line did not take the answer within %.1f s", self.source, self.cfg.ack_timeout_s
+            )

@@ -175,16 +175,29 @@ class Line:
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_EVERY_S:  # a POS printing on would flood the log
             self._last_drop_log = now
-            log.error("%s:%s: %s is not taking bytes; %d bytes for it dropped so far (oldest first)",
-                      self.kind, self.name, self.path, self.dropped)
+            log.error(
+                "%s:%s: %s is not taking bytes; %d bytes for it dropped so far (oldest first)",
+                self.kind,
+                self.name,
+                self.path,
+                self.dropped,
+            )
 
 
 class ReceiptTap:
     """A POS printer line: forward both ways, unchanged; every receipt becomes `pos.receipt`."""
 
-    def __init__(self, cfg: PosSection, sink: EventSink, health: DeviceHealth, *,
-                 clock: Callable[[], float] = time.time, reopen_max_s: float = 5.0,
-                 retry_max_s: float = 5.0, forward_max: int = FORWARD_MAX) -> None:
+    def __init__(
+        self,
+        cfg: PosSection,
+        sink: EventSink,
+        health: DeviceHealth,
+        *,
+        clock: Callable[[], float] = time.time,
+        reopen_max_s: float = 5.0,
+        retry_max_s: float = 5.0,
+        forward_max: int = FORWARD_MAX,
+    ) -> None:
         self.cfg = cfg
         self.sink = sink
         self.health = health
@@ -196,10 +209,17 @@ class ReceiptTap:
             extract_fields([], cfg.patterns)  # compiles every pattern: a bad regex fails at start
         except EscposError as exc:
             raise ConfigError(f"pos {cfg.name!r}: {exc}") from None
-        self.pos = Line(SerialLink(cfg.port, cfg.baudrate, kind="pos", name=cfg.name, health=health), REPLY_MAX)
-        self.printer = (Line(SerialLink(cfg.forward_to, cfg.baudrate, kind="printer", name=cfg.name, health=health),
-                             forward_max)
-                        if cfg.forward_to else None)
+        self.pos = Line(
+            SerialLink(cfg.port, cfg.baudrate, kind="pos", name=cfg.name, health=health), REPLY_MAX
+        )
+        self.printer = (
+            Line(
+                SerialLink(cfg.forward_to, cfg.baudrate, kind="printer", name=cfg.name, health=health),
+                forward_max,
+            )
+            if cfg.forward_to
+            else None
+        )
         self.queue = CommitQueue(sink, self.source, self._buffer_state, retry_max_s=retry_max_s)
         self.bytes_in = 0
         self.receipts = 0
@@ -214,11 +234,16 @@ class ReceiptTap:
 
     async def run(self) -> None:
         """Forward and read receipts until cancelled."""
-        tasks = [asyncio.create_task(self.queue.run(), name=f"{self.source}:commit"),
-                 asyncio.create_task(self._serve(self.pos, self._pos_readable), name=f"{self.source}:pos")]
+        tasks = [
+            asyncio.create_task(self.queue.run(), name=f"{self.source}:commit"),
+            asyncio.create_task(self._serve(self.pos, self._pos_readable), name=f"{self.source}:pos"),
+        ]
         if self.printer is not None:
-            tasks.append(asyncio.create_task(self._serve(self.printer, self._printer_readable),
-                                             name=f"{self.source}:printer"))
+            tasks.append(
+                asyncio.create_task(
+                    self._serve(self.printer, self._printer_readable), name=f"{self.source}:printer"
+                )
+            )
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -231,8 +256,11 @@ class ReceiptTap:
                 if line is not None:
                     line.close()
             if self.printer is not None and self.printer.out:
-                log.error("%s: stopping with %d bytes not forwarded to the printer", self.source,
-                          len(self.printer.out))
+                log.error(
+                    "%s: stopping with %d bytes not forwarded to the printer",
+                    self.source,
+                    len(self.printer.out),
+                )
             for receipt in self.parser.flush():
                 self._commit(receipt.lines, partial=True)
             await self.queue.close()
@@ -249,7 +277,9 @@ class ReceiptTap:
                 line.close()
                 error = describe_error(exc)
                 if error != last_error:
-                    log.warning("%s: cannot open %s %s: %s; retrying", self.source, line.kind, line.path, error)
+                    log.warning(
+                        "%s: cannot open %s %s: %s; retrying", self.source, line.kind, line.path, error
+                    )
                     last_error = error
                 dropped = f"; {line.dropped} bytes dropped" if line.dropped else ""
                 self.health.report(line.kind, line.name, False, f"cannot open {line.path}: {error}{dropped}")
@@ -278,8 +308,12 @@ class ReceiptTap:
     def _check_drops(self, line: Line) -> None:
         if line is self.printer and line.dropped != self._printer_drops_reported:
             self._printer_drops_reported = line.dropped
-            self.health.report("printer", line.name, line.alive,
-                               f"{line.dropped} bytes for the printer dropped while it took none")
+            self.health.report(
+                "printer",
+                line.name,
+                line.alive,
+                f"{line.dropped} bytes for the printer dropped while it took none",
+            )
 
     # --- the two directions -----------------------------------------------------------------------
 
@@ -316,11 +350,19 @@ class ReceiptTap:
             self.pos.send(data)
         else:
             self.replies_dropped += len(data)
-            log.debug("%s: %d reply bytes from the printer dropped: the POS line is closed", self.source, len(data))
+            log.debug(
+                "%s: %d reply bytes from the printer dropped: the POS line is closed", self.source, len(data)
+            )
 
     def _commit(self, lines: list[str], partial: bool = False) -> None:
-        self.queue.put(Event("pos.receipt", self.receipt_data(lines, partial), self.source,
-                             self._fmt.format(int(self.clock() * 1000))))
+        self.queue.put(
+            Event(
+                "pos.receipt",
+                self.receipt_data(lines, partial),
+                self.source,
+                self._fmt.format(int(self.clock() * 1000)),
+            )
+        )
         self.receipts += 1
         self.health.seen("pos", self.cfg.name)
 
@@ -338,4 +380,3 @@ class ReceiptTap:
         if partial:
             data["partial"] = True
         return data
-

@@ -46,11 +46,15 @@ def build_drivers(cfg: AgentConfig, sink: EventSink, health: DeviceHealth) -> li
         if pos.protocol == "stxetx":
             from drivers.pos import StxEtxDriver
 
-            runners.append((f"pos:{pos.name}", StxEtxDriver(pos.model_copy(update={"port": port}), sink, health).run))
+            runners.append(
+                (f"pos:{pos.name}", StxEtxDriver(pos.model_copy(update={"port": port}), sink, health).run)
+            )
             if pos.port in sims.masters:
                 from drivers.sim.pos import PosSimulator
 
-                runners.append((f"sim:pos:{pos.name}", PosSimulator(sims.masters[pos.port], pos.name, rate).run))
+                runners.append(
+                    (f"sim:pos:{pos.name}", PosSimulator(sims.masters[pos.port], pos.name, rate).run)
+                )
         else:
             from drivers.receipt_tap import ReceiptTap
 
@@ -60,18 +64,25 @@ def build_drivers(cfg: AgentConfig, sink: EventSink, health: DeviceHealth) -> li
             if pos.port in sims.masters:
                 from drivers.sim.devices import PrintingPosSimulator
 
-                runners.append((f"sim:printer-pos:{pos.name}",
-                                PrintingPosSimulator(sims.masters[pos.port], rate).run))
+                runners.append(
+                    (f"sim:printer-pos:{pos.name}", PrintingPosSimulator(sims.masters[pos.port], rate).run)
+                )
             if pos.forward_to and pos.forward_to in sims.masters:
                 from drivers.sim.devices import PrinterSimulator
 
-                runners.append((f"sim:printer:{pos.name}", PrinterSimulator(sims.masters[pos.forward_to]).run))
+                runners.append(
+                    (f"sim:printer:{pos.name}", PrinterSimulator(sims.masters[pos.forward_to]).run)
+                )
     for scanner in cfg.scanner:
         port = sims.resolve(scanner.port)
         from drivers.scanner import ScannerDriver
 
-        runners.append((f"scanner:{scanner.name}",
-                        ScannerDriver(scanner.model_copy(update={"port": port}), sink, health).run))
+        runners.append(
+            (
+                f"scanner:{scanner.name}",
+                ScannerDriver(scanner.model_copy(update={"port": port}), sink, health).run,
+            )
+        )
         if scanner.port in sims.masters:
             from drivers.sim.devices import ScannerSimulator
 

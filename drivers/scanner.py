@@ -47,16 +47,30 @@ log = logging.getLogger(__name__)
 class ScannerDriver:
     """One serial barcode scanner: reads → `scan.read` events, reconnecting when unplugged."""
 
-    def __init__(self, cfg: ScannerSection, sink: EventSink, health: DeviceHealth, *,
-                 clock: Callable[[], float] = time.time, reopen_max_s: float = 5.0,
-                 retry_max_s: float = 5.0, pending_max: int = 10_000) -> None:
+    def __init__(
+        self,
+        cfg: ScannerSection,
+        sink: EventSink,
+        health: DeviceHealth,
+        *,
+        clock: Callable[[], float] = time.time,
+        reopen_max_s: float = 5.0,
+        retry_max_s: float = 5.0,
+        pending_max: int = 10_000,
+    ) -> None:
         self.cfg = cfg
         self.sink = sink
         self.health = health
         self.clock = clock
         self.source = f"scanner:{cfg.name}"
-        self.link = SerialLink(cfg.port, cfg.baudrate, kind="scanner", name=cfg.name, health=health,
-                               backoff=Backoff(base=0.1, cap=reopen_max_s))
+        self.link = SerialLink(
+            cfg.port,
+            cfg.baudrate,
+            kind="scanner",
+            name=cfg.name,
+            health=health,
+            backoff=Backoff(base=0.1, cap=reopen_max_s),
+        )
         self.queue = CommitQueue(sink, self.source, self._buffer_state, pending_max, retry_max_s)
         self.reads = 0
         self.bytes_in = 0
@@ -99,8 +113,11 @@ class ScannerDriver:
                 pass  # SerialLink logged it and reported the device down
             finally:
                 if framer.buffered:
-                    log.warning("%s: a read cut off by the disconnect was not committed (%d bytes)",
-                                self.source, len(framer.buffered))
+                    log.warning(
+                        "%s: a read cut off by the disconnect was not committed (%d bytes)",
+                        self.source,
+                        len(framer.buffered),
+                    )
 
     async def _pump(self, framer: ScanFramer) -> None:
         read = self.link.read
@@ -139,5 +156,12 @@ def scan_object(raw: bytes) -> ScanRead:
         return decode_scan(raw)
     except Exception as exc:  # a decoder bug must not lose the scan
         log.error("decode_scan failed on a %d-byte read: %s", len(raw), exc)
-        return {"aim": None, "symbology": None, "data": raw.decode("latin-1"), "gtin": None,
-                "ai": {}, "valid": False, "errors": [f"decode failed: {exc}"]}
+        return {
+            "aim": None,
+            "symbology": None,
+            "data": raw.decode("latin-1"),
+            "gtin": None,
+            "ai": {},
+            "valid": False,
+            "errors": [f"decode failed: {exc}"],
+        }

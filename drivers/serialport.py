@@ -155,8 +155,14 @@ class SerialLink:
                 delay = self._backoff.next_delay()
                 message = describe_error(exc)
                 self._health.report(self.kind, self.name, False, f"cannot open {self.port}: {message}")
-                log.warning("%s:%s: cannot open %s: %s; retrying in %.1f s",
-                            self.kind, self.name, self.port, message, delay)
+                log.warning(
+                    "%s:%s: cannot open %s: %s; retrying in %.1f s",
+                    self.kind,
+                    self.name,
+                    self.port,
+                    message,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             self._backoff.reset()
@@ -253,7 +259,9 @@ class SerialLink:
             if not ready.done():
                 ready.set_result(None)
 
-        add, remove = (loop.add_writer, loop.remove_writer) if writing else (loop.add_reader, loop.remove_reader)
+        add, remove = (
+            (loop.add_writer, loop.remove_writer) if writing else (loop.add_reader, loop.remove_reader)
+        )
         add(fd, wake)
         try:
             async with asyncio.timeout(timeout):  # not wait_for: 3.11's can swallow a cancel
@@ -273,8 +281,14 @@ class CommitQueue:
     when it takes them again.
     """
 
-    def __init__(self, sink: EventSink, label: str, on_state: Callable[[bool, str | None], None],
-                 pending_max: int = 10_000, retry_max_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        sink: EventSink,
+        label: str,
+        on_state: Callable[[bool, str | None], None],
+        pending_max: int = 10_000,
+        retry_max_s: float = 5.0,
+    ) -> None:
         self.sink = sink
         self.label = label
         self.on_state = on_state
@@ -290,8 +304,13 @@ class CommitQueue:
         """Queue an event; False (and an error log line) when the queue is full and it is dropped."""
         if len(self.pending) >= self.pending_max:
             self.dropped += 1
-            log.error("%s: %s dropped: %d events already wait for the buffer (dropped so far: %d)",
-                      self.label, event.type, len(self.pending), self.dropped)
+            log.error(
+                "%s: %s dropped: %d events already wait for the buffer (dropped so far: %d)",
+                self.label,
+                event.type,
+                len(self.pending),
+                self.dropped,
+            )
             self.on_state(False, f"buffer full: {self.dropped} events dropped")
             return False
         self.pending.append(event)
@@ -363,9 +382,13 @@ class CommitQueue:
             async with asyncio.timeout(timeout):
                 await self.sink.commit(batch)
         except (Exception, asyncio.CancelledError) as exc:
-            log.error("%s: stopping with %d events not committed (%s): %s", self.label, len(batch),
-                      describe_error(exc) or type(exc).__name__,
-                      "; ".join(f"{e.type} {e.ts}" for e in list(batch)[:5]))
+            log.error(
+                "%s: stopping with %d events not committed (%s): %s",
+                self.label,
+                len(batch),
+                describe_error(exc) or type(exc).__name__,
+                "; ".join(f"{e.type} {e.ts}" for e in list(batch)[:5]),
+            )
             return
         self.pending.clear()
         self.committed += len(batch)

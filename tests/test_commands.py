@@ -36,7 +36,9 @@ class Rig:
 
     def command_events(self, cid: str) -> list[dict]:
         with self.events.lock:
-            return [e for e in self.events.events if e["type"].startswith("command.") and e["data"]["id"] == cid]
+            return [
+                e for e in self.events.events if e["type"].startswith("command.") and e["data"]["id"] == cid
+            ]
 
     def metric(self, name: str, outcome: str) -> float:
         text = httpx.get(f"http://127.0.0.1:{self.api}/metrics", timeout=5).text
@@ -81,17 +83,23 @@ def test_status_replies_with_the_status_object_and_one_event(rig):
     assert event["type"] == "command.executed" and event["data"] == {"id": cid, "name": "status", "ok": True}
 
 
-@pytest.mark.parametrize(("name", "body", "expected"), [
-    ("set_label", {"args": {"label": "L1", "price": "1.00"}}, "unknown_command"),
-    ("update_config", {"args": {"toml": ""}}, "unknown_command"),
-    ("erase_subject", {"expires": FUTURE, "args": {"token": "t"}}, "forbidden"),  # no sig
-    ("erase_subject", {"expires": FUTURE, "args": {"token": "t"},
-                       "sig": {"key": "ops", "value": "%%%bad base64%%%"}}, "forbidden"),
-    ("status", {"expires": "2020-01-01T00:00:00Z"}, "expired"),
-    ("set_log_level", {"args": {"level": "loud"}}, "invalid_args"),
-    ("set_log_level", {"args": {"level": 10}}, "invalid_args"),  # wrong type
-    ("drain", {"args": {"force": True}}, "invalid_args"),  # unknown key
-])
+@pytest.mark.parametrize(
+    ("name", "body", "expected"),
+    [
+        ("set_label", {"args": {"label": "L1", "price": "1.00"}}, "unknown_command"),
+        ("update_config", {"args": {"toml": ""}}, "unknown_command"),
+        ("erase_subject", {"expires": FUTURE, "args": {"token": "t"}}, "forbidden"),  # no sig
+        (
+            "erase_subject",
+            {"expires": FUTURE, "args": {"token": "t"}, "sig": {"key": "ops", "value": "%%%bad base64%%%"}},
+            "forbidden",
+        ),
+        ("status", {"expires": "2020-01-01T00:00:00Z"}, "expired"),
+        ("set_log_level", {"args": {"level": "loud"}}, "invalid_args"),
+        ("set_log_level", {"args": {"level": 10}}, "invalid_args"),  # wrong type
+        ("drain", {"args": {"force": True}}, "invalid_args"),  # unknown key
+    ],
+)
 def test_each_refusal_code_over_the_wire(rig, name, body, expected):
     cid = new_id()
     rig.cloud.send(name, {"id": cid, **body})
@@ -105,8 +113,10 @@ def test_each_refusal_code_over_the_wire(rig, name, body, expected):
 
 def test_signed_erase_with_non_ascii_args_runs(rig):
     cid = new_id()
-    rig.cloud.send("erase_subject", sign(KEY, "ops", "erase_subject",
-                                         {"id": cid, "expires": FUTURE, "args": {"member_id": "会员-Ω-ß"}}))
+    rig.cloud.send(
+        "erase_subject",
+        sign(KEY, "ops", "erase_subject", {"id": cid, "expires": FUTURE, "args": {"member_id": "会员-Ω-ß"}}),
+    )
     reply = rig.cloud.wait_reply(cid)
     assert reply == {"id": cid, "ok": True, "result": {"erased": 0}}
 
@@ -135,10 +145,14 @@ def test_repeat_gets_the_stored_reply_byte_identical_and_runs_nothing(rig):
 
 def test_hostile_payloads_get_the_contracts_answer_and_the_agent_serves_on(rig):
     big = new_id()
-    rig.cloud.send("status", b'{"id": "' + big.encode() + b'", "args": {"pad": "' + b"x" * (10 << 20) + b'"}}')
+    rig.cloud.send(
+        "status", b'{"id": "' + big.encode() + b'", "args": {"pad": "' + b"x" * (10 << 20) + b'"}}'
+    )
     assert rig.cloud.wait_reply(big)["error"]["code"] == "invalid_args"
     deep = new_id()
-    rig.cloud.send("status", b'{"id": "' + deep.encode() + b'", "args": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+    rig.cloud.send(
+        "status", b'{"id": "' + deep.encode() + b'", "args": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    )
     assert rig.cloud.wait_reply(deep)["error"]["code"] == "invalid_args"
     cut = new_id()
     rig.cloud.send("drain", b'{"id": "' + cut.encode() + b'", "args": {')
@@ -222,7 +236,9 @@ def test_diagnostics_fits_the_brokers_packet_limit(tmp_path):
     """A broker with a small Maximum Packet Size: the log's oldest lines give way, the reply arrives
     (a reply too big would make the broker drop the session, and the resend after it, forever)."""
     broker = Mosquitto(tmp_path / "mq", extra_conf="max_packet_size 20000\n").start()
-    cfg = write_config(tmp_path / "agent.toml", tmp_path / "data", broker.port, toml_table("log", {"level": "debug"}))
+    cfg = write_config(
+        tmp_path / "agent.toml", tmp_path / "data", broker.port, toml_table("log", {"level": "debug"})
+    )
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     cloud = Commander(broker.port).start()
     try:

@@ -36,8 +36,11 @@ def test_kill9_between_receipt_and_reply_runs_none_twice_and_loses_none(tmp_path
         assert wait_until(lambda: len(cloud.replies) >= 5, 20)
         agent.kill9()
         with cloud.lock:
-            first = {orjson.loads(p)["id"]: p for t, p, _c, _a in cloud.replies
-                     if t.endswith("/reply") and not orjson.loads(p)["id"].startswith("probe-")}
+            first = {
+                orjson.loads(p)["id"]: p
+                for t, p, _c, _a in cloud.replies
+                if t.endswith("/reply") and not orjson.loads(p)["id"].startswith("probe-")
+            }
         assert 0 < len(first) < N, "the kill came after every reply: no command was caught in flight"
 
         agent.start()
@@ -58,7 +61,9 @@ def test_kill9_between_receipt_and_reply_runs_none_twice_and_loses_none(tmp_path
         agent.stop()
         conn = sqlite3.connect(tmp_path / "data" / "buffer.db")
         try:
-            assert conn.execute("SELECT count(*), count(DISTINCT id) FROM commands WHERE id NOT LIKE 'probe-%'").fetchone() == (N, N)
+            assert conn.execute(
+                "SELECT count(*), count(DISTINCT id) FROM commands WHERE id NOT LIKE 'probe-%'"
+            ).fetchone() == (N, N)
         finally:
             conn.close()
     finally:

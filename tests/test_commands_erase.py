@@ -50,12 +50,18 @@ def file_bytes(db: Path) -> bytes:
 
 def windows_gone(old: bytes, new: bytes, size: int = 32) -> list[bytes]:
     """Slices of the old stored body that the rewritten one does not hold (what must be overwritten)."""
-    return [old[i:i + size] for i in range(0, len(old) - size, size) if old[i:i + size] not in new]
+    return [old[i : i + size] for i in range(0, len(old) - size, size) if old[i : i + size] not in new]
 
 
 def make_channel(tmp_path: Path) -> tuple[Outbox, CommandChannel]:
-    cfg = parse((f'[agent]\ntenant = "acme"\nstore = "s1"\nid = "a1"\ndata_dir = "{tmp_path / "data"}"\n'
-                 f'[commands.public_keys]\nops = "{PUB}"\n').encode(), "agent.toml", environ={})
+    cfg = parse(
+        (
+            f'[agent]\ntenant = "acme"\nstore = "s1"\nid = "a1"\ndata_dir = "{tmp_path / "data"}"\n'
+            f'[commands.public_keys]\nops = "{PUB}"\n'
+        ).encode(),
+        "agent.toml",
+        environ={},
+    )
     outbox = Outbox.from_config(cfg).start()
     uplink = Uplink(cfg, outbox)
     reporter = StatusReporter(outbox, uplink, HealthBoard())
@@ -72,30 +78,58 @@ def test_erase_overwrites_on_disk_and_keeps_the_chunks_other_events(tmp_path):
     outbox, channel = make_channel(tmp_path)
     db = outbox.path
     try:
-        sales = [Event("pos.sale", {"txn": i, "member_id": MEMBER if i % 4 == 0 else f"m{i}", "pad": pad(rng)},
-                       "pos:1") for i in range(12)]
+        sales = [
+            Event(
+                "pos.sale",
+                {"txn": i, "member_id": MEMBER if i % 4 == 0 else f"m{i}", "pad": pad(rng)},
+                "pos:1",
+            )
+            for i in range(12)
+        ]
         checkin = Event("app.checkin", {"who": {"list": [{"token": TOKEN}]}, "pad": pad(rng)}, "app")
         ids = outbox.commit_sync([*sales, checkin]).ids
         # a row as older agents stored it (raw JSON): the member id is literally in the file
-        legacy = b",".join(orjson.dumps({"id": f"legacy-{i}", "seq": LEGACY_SEQ + i, "type": "pos.sale",
-                                         "data": {"member_id": MEMBER if i == 0 else "x", "pad": pad(rng)}})
-                           for i in range(2))
-        outbox.call(lambda conn: CallResult(conn.execute(
-            "INSERT INTO chunks(seq, n, stream, prio, body) VALUES(?,?,?,?,?)",
-            (LEGACY_SEQ, 2, "pos", priority_of("pos"), legacy)).rowcount,
-            removed_events=-2, removed_bytes=-(len(legacy) + 24)))
+        legacy = b",".join(
+            orjson.dumps(
+                {
+                    "id": f"legacy-{i}",
+                    "seq": LEGACY_SEQ + i,
+                    "type": "pos.sale",
+                    "data": {"member_id": MEMBER if i == 0 else "x", "pad": pad(rng)},
+                }
+            )
+            for i in range(2)
+        )
+        outbox.call(
+            lambda conn: CallResult(
+                conn.execute(
+                    "INSERT INTO chunks(seq, n, stream, prio, body) VALUES(?,?,?,?,?)",
+                    (LEGACY_SEQ, 2, "pos", priority_of("pos"), legacy),
+                ).rowcount,
+                removed_events=-2,
+                removed_bytes=-(len(legacy) + 24),
+            )
+        )
         conn = outbox.read_conn()
-        (old_sales,) = conn.execute("SELECT body FROM chunks WHERE stream='pos' AND seq < ?", (LEGACY_SEQ,)).fetchone()
+        (old_sales,) = conn.execute(
+            "SELECT body FROM chunks WHERE stream='pos' AND seq < ?", (LEGACY_SEQ,)
+        ).fetchone()
         before = stored_events(outbox)
         assert MEMBER.encode() in file_bytes(db)
 
         channel.handle(TOPIC, erase_payload("erase-1", member_id=MEMBER, token=TOKEN), None, None)
 
         rec = store.lookup(outbox.read_conn(), "erase-1")
-        assert rec is not None and orjson.loads(rec.reply) == {"id": "erase-1", "ok": True, "result": {"erased": 5}}
+        assert rec is not None and orjson.loads(rec.reply) == {
+            "id": "erase-1",
+            "ok": True,
+            "result": {"erased": 5},
+        }
         after = stored_events(outbox)
         erased = {ids[0], ids[4], ids[8], ids[12], "legacy-0"}
-        assert [e for e in before if e["id"] not in erased] == [e for e in after if e["type"] != "command.executed"]
+        assert [e for e in before if e["id"] not in erased] == [
+            e for e in after if e["type"] != "command.executed"
+        ]
         (event,) = [e for e in after if e["type"] == "command.executed"]
         assert event["data"] == {"id": "erase-1", "name": "erase_subject", "ok": True}
         # the writer's accounts follow the rewrite
@@ -103,7 +137,9 @@ def test_erase_overwrites_on_disk_and_keeps_the_chunks_other_events(tmp_path):
         assert (outbox.count, outbox.bytes) == (held.events, held.bytes)
         # overwritten, not only unlinked: neither the member id (raw row) nor the compressed bytes
         # that held the erased sales are anywhere in the file or its WAL
-        (new_sales,) = conn.execute("SELECT body FROM chunks WHERE stream='pos' AND seq < ?", (LEGACY_SEQ,)).fetchone()
+        (new_sales,) = conn.execute(
+            "SELECT body FROM chunks WHERE stream='pos' AND seq < ?", (LEGACY_SEQ,)
+        ).fetchone()
         gone = windows_gone(bytes(old_sales), bytes(new_sales))
         assert len(gone) > 100
         on_disk = file_bytes(db)
@@ -137,8 +173,14 @@ def test_unsigned_erase_is_forbidden_and_erases_nothing(tmp_path):
     outbox, channel = make_channel(tmp_path)
     try:
         ids = outbox.commit_sync([Event("pos.sale", {"member_id": MEMBER}, "pos:1")]).ids
-        channel.handle(TOPIC, json.dumps({"id": "erase-3", "expires": "2099-01-01T00:00:00Z",
-                                          "args": {"member_id": MEMBER}}).encode(), None, None)
+        channel.handle(
+            TOPIC,
+            json.dumps(
+                {"id": "erase-3", "expires": "2099-01-01T00:00:00Z", "args": {"member_id": MEMBER}}
+            ).encode(),
+            None,
+            None,
+        )
         rec = store.lookup(outbox.read_conn(), "erase-3")
         assert rec is not None and rec.code == "forbidden"
         assert ids[0] in {e["id"] for e in stored_events(outbox)}
@@ -163,8 +205,10 @@ def test_log_ring_keeps_lines_and_never_a_secret(tmp_path):
         logger.error("second")
     finally:
         logger.removeHandler(ring)
-    assert ring.tail(5) == ['level=error logger=agent.test.ring msg="url mqtt://u:***@host"',
-                            'level=error logger=agent.test.ring msg="second"']
+    assert ring.tail(5) == [
+        'level=error logger=agent.test.ring msg="url mqtt://u:***@host"',
+        'level=error logger=agent.test.ring msg="second"',
+    ]
     assert ring.tail(1) == ['level=error logger=agent.test.ring msg="second"']
 
 
@@ -175,8 +219,11 @@ def test_commands_ids_are_pruned_after_seven_days(tmp_path):
     try:
         rec = store.Stored("old", "status", True, None, b"{}", None, None)
         outbox.call(lambda conn: store.insert(conn, rec, 1000.0))
-        outbox.call(lambda conn: store.insert(conn, store.Stored("new", "status", True, None, b"{}", None, None),
-                                              1000.0 + 7 * 86400))
+        outbox.call(
+            lambda conn: store.insert(
+                conn, store.Stored("new", "status", True, None, b"{}", None, None), 1000.0 + 7 * 86400
+            )
+        )
         result = outbox.call(lambda conn: hourly(conn, 1000.0 + 7 * 86400 + 1))
         assert result["command_ids_pruned"] == 1
         conn = sqlite3.connect(outbox.path)
@@ -193,8 +240,12 @@ def test_events_committed_after_the_scan_are_erased_too(tmp_path):
 
     outbox, _channel = make_channel(tmp_path)
     try:
-        ids = outbox.commit_sync([Event("pos.sale", {"member_id": MEMBER}, "pos:1"),
-                                  Event("pos.sale", {"member_id": "other"}, "pos:1")]).ids
+        ids = outbox.commit_sync(
+            [
+                Event("pos.sale", {"member_id": MEMBER}, "pos:1"),
+                Event("pos.sale", {"member_id": "other"}, "pos:1"),
+            ]
+        ).ids
         seqs, after = candidates(outbox.read_conn(), MEMBER, None)
         late = outbox.commit_sync([Event("app.checkin", {"member_id": MEMBER}, "app")]).ids
         result = outbox.call(lambda conn: erase(conn, MEMBER, None, seqs, after))

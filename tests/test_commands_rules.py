@@ -37,9 +37,13 @@ def code(result: rules.Refusal | rules.Args) -> str:
 
 def test_canonical_form_is_the_contracts_bytes_with_non_ascii_args():
     msg = {"id": "c-1", "expires": FUTURE, "args": {"member_id": "会员-Ω-7", "token": "tök"}}
-    assert rules.canonical("erase_subject", msg) == (
-        '{"args":{"member_id":"会员-Ω-7","token":"tök"},"expires":"2026-12-08T02:00:00Z",'
-        '"id":"c-1","name":"erase_subject"}').encode()
+    assert (
+        rules.canonical("erase_subject", msg)
+        == (
+            '{"args":{"member_id":"会员-Ω-7","token":"tök"},"expires":"2026-12-08T02:00:00Z",'
+            '"id":"c-1","name":"erase_subject"}'
+        ).encode()
+    )
     # a missing args is {} and a missing expires null
     assert rules.canonical("status", {"id": "x"}) == b'{"args":{},"expires":null,"id":"x","name":"status"}'
 
@@ -54,15 +58,18 @@ def test_signed_non_ascii_command_verifies_and_any_change_does_not():
     assert code(run("set_log_level", {**msg, "args": {"level": "debug"}}, pol)) == "forbidden"
 
 
-@pytest.mark.parametrize("sig", [
-    None,  # missing
-    "AAAA",  # not an object
-    {"key": "ops"},  # no value
-    {"key": "ops", "value": "!!!not base64!!!"},  # bad base64
-    {"key": "ops", "value": base64.b64encode(b"short").decode()},  # not 64 bytes
-    {"key": "ops", "value": "QUJD" * 22, "extra": 1},  # unknown key in sig
-    {"key": 7, "value": "QUJD"},  # wrong type
-])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        None,  # missing
+        "AAAA",  # not an object
+        {"key": "ops"},  # no value
+        {"key": "ops", "value": "!!!not base64!!!"},  # bad base64
+        {"key": "ops", "value": base64.b64encode(b"short").decode()},  # not 64 bytes
+        {"key": "ops", "value": "QUJD" * 22, "extra": 1},  # unknown key in sig
+        {"key": 7, "value": "QUJD"},  # wrong type
+    ],
+)
 def test_missing_or_malformed_sig_is_forbidden(sig):
     msg = {"id": "c-3", "expires": FUTURE, "args": {"token": "t"}}
     if sig is not None:
@@ -94,24 +101,32 @@ def test_check_order_each_code_before_the_next():
     assert code(run("erase_subject", {"id": "x", "expires": PAST, "args": {}})) == "forbidden"
     # expired before invalid_args
     assert code(run("set_log_level", {"id": "x", "expires": PAST, "args": {"level": "loud"}})) == "expired"
-    assert code(run("set_log_level", {"id": "x", "expires": FUTURE, "args": {"level": "loud"}})) == "invalid_args"
+    assert (
+        code(run("set_log_level", {"id": "x", "expires": FUTURE, "args": {"level": "loud"}}))
+        == "invalid_args"
+    )
     assert code(run("set_log_level", {"id": "x", "expires": FUTURE, "args": {"level": "debug"}})) == "ok"
     # erase_subject without a required signature, when the policy does not require one
-    assert code(run("erase_subject", {"id": "x", "args": {}}, rules.Policy(None, frozenset()))) == "invalid_args"
+    assert (
+        code(run("erase_subject", {"id": "x", "args": {}}, rules.Policy(None, frozenset()))) == "invalid_args"
+    )
 
 
-@pytest.mark.parametrize(("name", "msg"), [
-    ("set_log_level", {"id": "x", "args": {"level": 3}}),  # wrong type
-    ("set_log_level", {"id": "x", "args": {"level": "info", "extra": True}}),  # unknown key in args
-    ("status", {"id": "x", "args": {"verbose": True}}),
-    ("status", {"id": "x", "args": []}),  # args not an object
-    ("status", {"id": "x", "argz": {}}),  # unknown top-level key
-    ("status", {"id": "x", "expires": "tomorrow"}),  # expires not RFC 3339
-    ("status", {"id": "x", "expires": 1765155600}),
-    ("diagnostics", {"id": "x", "args": {"log_lines": 5001}}),
-    ("diagnostics", {"id": "x", "args": {"log_lines": "10"}}),
-    ("diagnostics", {"id": "x", "args": {"log_lines": True}}),
-])
+@pytest.mark.parametrize(
+    ("name", "msg"),
+    [
+        ("set_log_level", {"id": "x", "args": {"level": 3}}),  # wrong type
+        ("set_log_level", {"id": "x", "args": {"level": "info", "extra": True}}),  # unknown key in args
+        ("status", {"id": "x", "args": {"verbose": True}}),
+        ("status", {"id": "x", "args": []}),  # args not an object
+        ("status", {"id": "x", "argz": {}}),  # unknown top-level key
+        ("status", {"id": "x", "expires": "tomorrow"}),  # expires not RFC 3339
+        ("status", {"id": "x", "expires": 1765155600}),
+        ("diagnostics", {"id": "x", "args": {"log_lines": 5001}}),
+        ("diagnostics", {"id": "x", "args": {"log_lines": "10"}}),
+        ("diagnostics", {"id": "x", "args": {"log_lines": True}}),
+    ],
+)
 def test_wrong_args_are_invalid_args(name, msg):
     assert code(run(name, msg)) == "invalid_args"
 
@@ -137,4 +152,6 @@ def test_hostile_payloads_are_read_without_raising():
 
 def test_diagnostics_default_and_bounds():
     assert run("diagnostics", {"id": "x"}) == rules.DiagnosticsArgs(log_lines=500)
-    assert run("diagnostics", {"id": "x", "args": {"log_lines": 5000}}) == rules.DiagnosticsArgs(log_lines=5000)
+    assert run("diagnostics", {"id": "x", "args": {"log_lines": 5000}}) == rules.DiagnosticsArgs(
+        log_lines=5000
+    )

@@ -35,17 +35,29 @@ def test_minimal_config_has_sane_defaults():
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (b"[mqtt]\nport = \"x\"\n",
-         "mqtt.port: Input should be a valid integer, unable to parse string as an integer (got 'x')"),
+        (
+            b'[mqtt]\nport = "x"\n',
+            "mqtt.port: Input should be a valid integer, unable to parse string as an integer (got 'x')",
+        ),
         (b"[mqtt]\nprot = 1\n", "mqtt.prot: unknown key"),
         (b"[bogus]\na = 1\n", "bogus: unknown key"),
-        (b"[[pos]]\nname = \"f\"\nport = \"/dev/x\"\nbaudrate = \"fast\"\n",
-         "pos[0].baudrate: Input should be a valid integer, unable to parse string as an integer (got 'fast')"),
-        (b"[[pos]]\nname = \"f\"\n", "pos[0].port: required key is missing"),
-        (b"[[pos]]\nname = \"f\"\nport = \"/dev/x\"\nprotocol = \"xml\"\n",
-         "pos[0].protocol: Input should be 'stxetx' or 'escpos' (got 'xml')"),
-        (b"[mqtt]\ncert_file = \"/c.pem\"\n", "mqtt: cert_file and key_file go together (client certificate and its key)"),
-        (b"[local_api]\nlisten = \"8750\"\n", "local_api.listen: listen must be HOST:PORT, e.g. 127.0.0.1:8750"),
+        (
+            b'[[pos]]\nname = "f"\nport = "/dev/x"\nbaudrate = "fast"\n',
+            "pos[0].baudrate: Input should be a valid integer, unable to parse string as an integer (got 'fast')",
+        ),
+        (b'[[pos]]\nname = "f"\n', "pos[0].port: required key is missing"),
+        (
+            b'[[pos]]\nname = "f"\nport = "/dev/x"\nprotocol = "xml"\n',
+            "pos[0].protocol: Input should be 'stxetx' or 'escpos' (got 'xml')",
+        ),
+        (
+            b'[mqtt]\ncert_file = "/c.pem"\n',
+            "mqtt: cert_file and key_file go together (client certificate and its key)",
+        ),
+        (
+            b'[local_api]\nlisten = "8750"\n',
+            "local_api.listen: listen must be HOST:PORT, e.g. 127.0.0.1:8750",
+        ),
     ],
 )
 def test_errors_name_the_key(extra, expected):
@@ -57,7 +69,10 @@ def test_missing_required_keys():
 
 
 def test_toml_syntax_error_names_line():
-    assert error_of(b"[agent]\ntenant = \n") == "agent.toml: TOML syntax error: Invalid value (at line 2, column 10)"
+    assert (
+        error_of(b"[agent]\ntenant = \n")
+        == "agent.toml: TOML syntax error: Invalid value (at line 2, column 10)"
+    )
 
 
 def test_not_utf8_names_byte_offset():
@@ -82,8 +97,10 @@ def test_environment_overrides_any_key(monkeypatch):
 
 def test_environment_override_errors_are_one_line(monkeypatch):
     monkeypatch.setenv("STORE_AGENT__MQTT__PORT", "abc")
-    assert error_of(BASE) == ("agent.toml: STORE_AGENT__MQTT__PORT (mqtt.port): Input should be a valid integer, "
-                              "unable to parse string as an integer (got 'abc')")
+    assert error_of(BASE) == (
+        "agent.toml: STORE_AGENT__MQTT__PORT (mqtt.port): Input should be a valid integer, "
+        "unable to parse string as an integer (got 'abc')"
+    )
 
 
 def test_null_host_means_buffer_only(monkeypatch):
@@ -92,7 +109,9 @@ def test_null_host_means_buffer_only(monkeypatch):
 
 
 def test_topic_levels_cannot_hold_wildcards():
-    assert error_of(BASE.replace(b"sh-0012", b"sh/0012")).startswith("agent.toml: agent.store: String should match pattern")
+    assert error_of(BASE.replace(b"sh-0012", b"sh/0012")).startswith(
+        "agent.toml: agent.store: String should match pattern"
+    )
 
 
 @pytest.mark.parametrize("path", ["config/agent.toml", "config/demo.toml"])
@@ -101,8 +120,10 @@ def test_shipped_configs_are_valid(path):
 
     root = Path(__file__).resolve().parent.parent
     cfg = load(root / path)
-    expected = {"config/agent.toml": ("acme", "sh-0012", "mqtt.example.com", True),
-                "config/demo.toml": ("demo", "sh-0001", "127.0.0.1", False)}[path]
+    expected = {
+        "config/agent.toml": ("acme", "sh-0012", "mqtt.example.com", True),
+        "config/demo.toml": ("demo", "sh-0001", "127.0.0.1", False),
+    }[path]
     assert (cfg.agent.tenant, cfg.agent.store, cfg.mqtt.host, cfg.mqtt.tls) == expected
     assert cfg.mqtt.insecure_plaintext is False
 
@@ -130,8 +151,9 @@ def test_local_api_streams_of_the_agent_or_with_topic_characters_are_refused(str
 @pytest.mark.parametrize("key", ["tenant", "store", "id"])
 @pytest.mark.parametrize("bad", ["a\\u0000b", "a\\u0007b", "a\\u007fb", "a/b", "a#", "+", "a b"])
 def test_topic_levels_refuse_control_characters_and_wildcards(key, bad):
-    raw = b'[agent]\ntenant = "t"\nstore = "s"\nid = "i"\n'.replace(f'{key} = "{key[0]}"'.encode(),
-                                                                 f'{key} = "{bad}"'.encode())
+    raw = b'[agent]\ntenant = "t"\nstore = "s"\nid = "i"\n'.replace(
+        f'{key} = "{key[0]}"'.encode(), f'{key} = "{bad}"'.encode()
+    )
     assert f"agent.{key}: String should match pattern" in error_of(raw)
 
 
@@ -143,7 +165,7 @@ def test_empty_host_is_refused():
     "extra, key",
     [
         (b'[mqtt]\ntls = "yes"\n', "mqtt.tls"),
-        (b'[mqtt]\ntls = 1\n', "mqtt.tls"),
+        (b"[mqtt]\ntls = 1\n", "mqtt.tls"),
         (b'[mqtt]\ninsecure_plaintext = "true"\n', "mqtt.insecure_plaintext"),
         (b'[local_api]\nenabled = "no"\n', "local_api.enabled"),
         (b'[ble]\nenabled = "yes"\n', "ble.enabled"),
@@ -158,7 +180,9 @@ def test_bad_regex_and_unknown_encoding_are_found_at_load():
     message = error_of(BASE + pos + b"[pos.patterns]\ntotal = 'TOTAL (['\n")
     assert "pos[0].patterns: pattern for 'total' is not a valid regex" in message
     assert "pos[0].encoding: unknown encoding 'klingon'" in error_of(BASE + pos + b'encoding = "klingon"\n')
-    assert "pos[0]: encoding 'utf-16' is not ASCII-compatible" in error_of(BASE + pos + b'encoding = "utf-16"\n')
+    assert "pos[0]: encoding 'utf-16' is not ASCII-compatible" in error_of(
+        BASE + pos + b'encoding = "utf-16"\n'
+    )
 
 
 # ---- environment overrides ------------------------------------------------------------------------
@@ -174,7 +198,9 @@ def test_environment_reaches_keys_inside_lists_of_tables(monkeypatch):
     monkeypatch.setenv("STORE_AGENT__POS__1__PORT", "/dev/ttyUSB8")
     cfg = parse(BASE + POS, "agent.toml")
     assert [(p.name, p.port, p.baudrate) for p in cfg.pos] == [
-        ("front-1", "/dev/ttyUSB7", 19200), ("front-2", "/dev/ttyUSB8", 9600)]
+        ("front-1", "/dev/ttyUSB7", 19200),
+        ("front-2", "/dev/ttyUSB8", 9600),
+    ]
     assert cfg.scanner[0].terminator == "crlf"
 
 
@@ -192,20 +218,43 @@ def test_environment_sets_booleans_numbers_and_null(monkeypatch):
     "variable, value, expected",
     [
         ("STORE_AGENT__BOGUS__X", "1", "agent.toml: STORE_AGENT__BOGUS__X: bogus is not a key of the config"),
-        ("STORE_AGENT__MQTT__PROT", "1", "agent.toml: STORE_AGENT__MQTT__PROT: mqtt.prot is not a key of the config"),
-        ("STORE_AGENT__POS__3__PORT", "/dev/x",
-         "agent.toml: STORE_AGENT__POS__3__PORT: pos[3]: index past the end (the list has 1 items)"),
-        ("STORE_AGENT__LOCAL_API__STREAMS", "app",
-         "agent.toml: STORE_AGENT__LOCAL_API__STREAMS: local_api.streams takes a JSON list, e.g. [\"app\"] (got 'app')"),
-        ("STORE_AGENT__MQTT__TLS", "yes", "agent.toml: STORE_AGENT__MQTT__TLS: mqtt.tls takes true or false (got 'yes')"),
-        ("STORE_AGENT__MQTT__PORT", "abc",
-         "agent.toml: STORE_AGENT__MQTT__PORT (mqtt.port): Input should be a valid integer, unable to parse "
-         "string as an integer (got 'abc')"),
-        ("STORE_AGENT__POS__0__BAUDRATE", "-1",
-         "agent.toml: STORE_AGENT__POS__0__BAUDRATE (pos[0].baudrate): Input should be greater than 0 (got -1)"),
-        ("STORE_AGENT__LOCAL_API__STREAMS", '["pos"]',
-         "agent.toml: STORE_AGENT__LOCAL_API__STREAMS (local_api.streams): pos: streams of the "
-         "drivers and the agent cannot be admitted from the local API"),
+        (
+            "STORE_AGENT__MQTT__PROT",
+            "1",
+            "agent.toml: STORE_AGENT__MQTT__PROT: mqtt.prot is not a key of the config",
+        ),
+        (
+            "STORE_AGENT__POS__3__PORT",
+            "/dev/x",
+            "agent.toml: STORE_AGENT__POS__3__PORT: pos[3]: index past the end (the list has 1 items)",
+        ),
+        (
+            "STORE_AGENT__LOCAL_API__STREAMS",
+            "app",
+            "agent.toml: STORE_AGENT__LOCAL_API__STREAMS: local_api.streams takes a JSON list, e.g. [\"app\"] (got 'app')",
+        ),
+        (
+            "STORE_AGENT__MQTT__TLS",
+            "yes",
+            "agent.toml: STORE_AGENT__MQTT__TLS: mqtt.tls takes true or false (got 'yes')",
+        ),
+        (
+            "STORE_AGENT__MQTT__PORT",
+            "abc",
+            "agent.toml: STORE_AGENT__MQTT__PORT (mqtt.port): Input should be a valid integer, unable to parse "
+            "string as an integer (got 'abc')",
+        ),
+        (
+            "STORE_AGENT__POS__0__BAUDRATE",
+            "-1",
+            "agent.toml: STORE_AGENT__POS__0__BAUDRATE (pos[0].baudrate): Input should be greater than 0 (got -1)",
+        ),
+        (
+            "STORE_AGENT__LOCAL_API__STREAMS",
+            '["pos"]',
+            "agent.toml: STORE_AGENT__LOCAL_API__STREAMS (local_api.streams): pos: streams of the "
+            "drivers and the agent cannot be admitted from the local API",
+        ),
     ],
 )
 def test_environment_errors_name_the_variable(monkeypatch, variable, value, expected):
@@ -230,7 +279,11 @@ def test_check_start_names_a_missing_mqtt_file(tmp_path, key):
 
 
 def test_loopback_is_judged_by_the_resolved_address():
-    assert resolves_to_loopback("127.0.0.1") and resolves_to_loopback("127.1.2.3") and resolves_to_loopback("::1")
+    assert (
+        resolves_to_loopback("127.0.0.1")
+        and resolves_to_loopback("127.1.2.3")
+        and resolves_to_loopback("::1")
+    )
     assert resolves_to_loopback("localhost")  # a name that resolves to 127.0.0.1 / ::1
     assert not resolves_to_loopback("192.0.2.7")
     assert not resolves_to_loopback("no-such-host.invalid")  # resolution failing is not loopback
@@ -249,7 +302,9 @@ def test_loopback_is_judged_by_the_resolved_address():
 def test_plaintext_to_a_broker_off_this_machine_is_refused(mqtt, refused):
     cfg = parse(BASE + f"[mqtt]\n{mqtt}".encode(), "agent.toml")
     if refused:
-        with pytest.raises(ConfigError, match=r"^mqtt\.tls: the broker .* is not on loopback and tls = false"):
+        with pytest.raises(
+            ConfigError, match=r"^mqtt\.tls: the broker .* is not on loopback and tls = false"
+        ):
             check_start(cfg)
     else:
         check_start(cfg)

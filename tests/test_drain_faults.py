@@ -32,8 +32,13 @@ def test_broker_killed_mid_drain_loses_nothing(tmp_path):
         # took (a marker published after it arrives after it): a broker killed with acknowledged
         # messages still queued for a slow subscriber loses them, and that is the broker's loss
         os.kill(agent.pid, signal.SIGSTOP)
-        publish.single("retail/acme/s1/a1/up/marker", b'{"agent":"marker","events":[]}', qos=1,
-                       hostname="127.0.0.1", port=port)
+        publish.single(
+            "retail/acme/s1/a1/up/marker",
+            b'{"agent":"marker","events":[]}',
+            qos=1,
+            hostname="127.0.0.1",
+            port=port,
+        )
         assert first.wait_for(lambda c: "retail/acme/s1/a1/up/marker" in c.by_topic, 30)
         broker.kill()  # with batches in flight: published, or acknowledged but not yet seen by the agent
         assert len(first.ids()) < EVENTS, "the kill must come mid-drain"
@@ -96,8 +101,13 @@ def test_broker_frozen_with_the_window_full_then_killed_loses_nothing(tmp_path):
         # let the subscriber catch up with everything the broker acknowledged (a marker behind it),
         # so that what the kill loses can only be what the agent has not had acknowledged
         os.kill(agent.pid, signal.SIGSTOP)
-        publish.single("retail/acme/s1/a1/up/marker", b'{"agent":"marker","events":[]}', qos=1,
-                       hostname="127.0.0.1", port=port)
+        publish.single(
+            "retail/acme/s1/a1/up/marker",
+            b'{"agent":"marker","events":[]}',
+            qos=1,
+            hostname="127.0.0.1",
+            port=port,
+        )
         assert first.wait_for(lambda c: "retail/acme/s1/a1/up/marker" in c.by_topic, 30)
         assert broker.proc is not None
         os.kill(broker.proc.pid, signal.SIGSTOP)

@@ -59,7 +59,9 @@ def test_utc_ms_converts_offsets(text, expected):
     assert utc_ms(text) == expected
 
 
-@pytest.mark.parametrize("text", ["2026-11-23T08:15:02", "2026-11-23", "yesterday", "", "2026-13-01T00:00:00Z"])
+@pytest.mark.parametrize(
+    "text", ["2026-11-23T08:15:02", "2026-11-23", "yesterday", "", "2026-13-01T00:00:00Z"]
+)
 def test_timestamps_without_offset_or_malformed_are_errors(text):
     with pytest.raises(EnvelopeError):
         utc_ms(text)
@@ -92,8 +94,14 @@ def test_envelopes_are_complete_json_with_the_agents_identity():
     assert [p["seq"] for p in parsed] == [41, 42, 43]
     assert [p["id"] for p in parsed] == [f"0193a5f0-7c1e-7d2a-9b1f-3c2e8a1d000{i}" for i in range(3)]
     assert parsed[0] == {
-        "id": "0193a5f0-7c1e-7d2a-9b1f-3c2e8a1d0000", "seq": 41, "ts": "2026-11-23T08:15:02.125Z",
-        "type": "pos.sale", "source": "pos:front-1", "tenant": "acme", "store": "sh-0012", "agent": 'till "1"',
+        "id": "0193a5f0-7c1e-7d2a-9b1f-3c2e8a1d0000",
+        "seq": 41,
+        "ts": "2026-11-23T08:15:02.125Z",
+        "type": "pos.sale",
+        "source": "pos:front-1",
+        "tenant": "acme",
+        "store": "sh-0012",
+        "agent": 'till "1"',
         "data": {"total": "12.50"},
     }
     assert parsed[1]["ts"] == "2026-11-30T00:00:00.000Z"
@@ -107,9 +115,18 @@ def test_data_that_is_not_a_json_object_is_refused(data):
         enc.encode_many([Event("app.x", data, "s")], 1, "0" * 32, "2026-11-30T00:00:00.000Z")
 
 
-@given(st.dictionaries(st.text(), st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text(),
-                                               lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=10)),
-       st.text(min_size=1), st.text(min_size=1))
+@given(
+    st.dictionaries(
+        st.text(),
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+            lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+            max_leaves=10,
+        ),
+    ),
+    st.text(min_size=1),
+    st.text(min_size=1),
+)
 def test_any_json_data_round_trips(data, name, source):
     enc = EnvelopeEncoder("acme", "s", "a")
     body = enc.encode_many([Event(f"app.{name}", data, source)], 7, "0" * 32, "2026-11-30T00:00:00.000Z")[0]

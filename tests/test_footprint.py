@@ -28,7 +28,9 @@ from tests.support.wait import wait_until
 def events(n: int, start: int = 0, pad: int = 200) -> list[Event]:
     """Events with `pad` characters of random hex: bodies are stored compressed, and these must
     not shrink to nothing (the WAL, the pages and the cap are what these tests are about)."""
-    return [Event("app.checkin", {"i": start + i, "pad": os.urandom(pad // 2).hex()}, "tablet") for i in range(n)]
+    return [
+        Event("app.checkin", {"i": start + i, "pad": os.urandom(pad // 2).hex()}, "tablet") for i in range(n)
+    ]
 
 
 def drain(outbox: Outbox, step: int = 50) -> None:
@@ -94,6 +96,7 @@ def test_wal_stays_within_its_bound_while_readers_keep_it_busy(tmp_path: Path) -
 def test_idempotency_keys_alone_fill_the_cap_and_are_refused(tmp_path: Path) -> None:
     """100k keys of empty requests took 37.7 MB outside the cap: each key now counts."""
     cap = 1 << 20
+
     def key(i: int) -> Dedup:
         digest = hashlib.sha256(f"{i}".encode()).hexdigest().encode()
         return Dedup(NAMESPACE, f"key-{i:08d}-{'k' * 40}", stored_result(digest))
@@ -153,7 +156,9 @@ def test_ordinary_deletes_leave_big_bodies_in_free_pages_erasure_overwrites_them
     def stored_after_delete(erase: bool) -> bool:
         path = tmp_path / f"{erase}.db"
         with open_outbox(path) as ob:  # its close checkpoints the WAL into the file and truncates it
-            ob.commit_sync([Event("app.note", {"n": i, "who": os.urandom(100).hex()}, "x") for i in range(100)])
+            ob.commit_sync(
+                [Event("app.note", {"n": i, "who": os.urandom(100).hex()}, "x") for i in range(100)]
+            )
             (stored,) = ob.read_conn().execute("SELECT body FROM chunks").fetchone()
             assert len(stored) > 2 * 4096  # its middle is in an overflow page
             secret = bytes(stored[len(stored) // 2 : len(stored) // 2 + 64])

@@ -27,8 +27,9 @@ def _load(tmp_path: Path, toml: str | bytes = GOOD):
     return load(path)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "[::1]", "127.1", "localhost", "192.0.2.7",
-                                  "no-such-host.invalid"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "::1", "[::1]", "127.1", "localhost", "192.0.2.7", "no-such-host.invalid"]
+)
 def test_plaintext_broker_is_judged_by_the_agents_loopback_rule(tmp_path: Path, host: str) -> None:
     toml = f'[mqtt]\nhost = "{host}"\ntls = false\n[ingest]\ndsn = "x"\n'
     if resolves_to_loopback(host):
@@ -36,7 +37,9 @@ def test_plaintext_broker_is_judged_by_the_agents_loopback_rule(tmp_path: Path, 
     else:
         with pytest.raises(ConfigError, match="not on loopback also needs insecure_plaintext = true"):
             _load(tmp_path, toml)
-        assert not _load(tmp_path, toml.replace("tls = false", "tls = false\ninsecure_plaintext = true")).mqtt.tls
+        assert not _load(
+            tmp_path, toml.replace("tls = false", "tls = false\ninsecure_plaintext = true")
+        ).mqtt.tls
 
 
 def test_an_override_that_names_no_key_is_an_error_naming_the_variable(

@@ -39,9 +39,18 @@ UUID7 = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 class ApiServer:
     """The app served by uvicorn in a thread (its own event loop), over a real Outbox."""
 
-    def __init__(self, tmp: Path, *, token: str | None = TOKEN, max_bytes: int = 1 << 30,
-                 streams: list[str] | None = None, clock: Any = time.time, limits: Limits | None = None,
-                 api_extra: dict[str, Any] | None = None, mqtt: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        token: str | None = TOKEN,
+        max_bytes: int = 1 << 30,
+        streams: list[str] | None = None,
+        clock: Any = time.time,
+        limits: Limits | None = None,
+        api_extra: dict[str, Any] | None = None,
+        mqtt: dict[str, Any] | None = None,
+    ) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,14 +61,17 @@ class ApiServer:
         if streams is not None:
             api["streams"] = streams
         api.update(api_extra or {})
-        self.cfg = AgentConfig.model_validate({
-            "agent": {"tenant": "acme", "store": "s1", "id": "a1", "data_dir": str(tmp)},
-            "mqtt": mqtt or {"host": None},
-            "buffer": {"max_bytes": max(max_bytes, 64 * 1024)},
-            "local_api": api,
-        })
-        self.outbox = Outbox(tmp / "buffer.db", tenant="acme", store="s1", agent="a1",
-                             max_bytes=max_bytes, clock=clock).start()
+        self.cfg = AgentConfig.model_validate(
+            {
+                "agent": {"tenant": "acme", "store": "s1", "id": "a1", "data_dir": str(tmp)},
+                "mqtt": mqtt or {"host": None},
+                "buffer": {"max_bytes": max(max_bytes, 64 * 1024)},
+                "local_api": api,
+            }
+        )
+        self.outbox = Outbox(
+            tmp / "buffer.db", tenant="acme", store="s1", agent="a1", max_bytes=max_bytes, clock=clock
+        ).start()
         self.uplink = Uplink(self.cfg, self.outbox).start()  # no broker: it waits, as in the agent
         self.reporter = StatusReporter(self.outbox, self.uplink, HealthBoard())
         self.app = app = make_app(self.cfg, self.outbox, self.reporter, self.uplink)
@@ -67,8 +79,9 @@ class ApiServer:
         self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, limits, loop="asyncio"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        assert wait_until(lambda: self.server.started or not self.thread.is_alive(), 10, interval=0.01), \
+        assert wait_until(lambda: self.server.started or not self.thread.is_alive(), 10, interval=0.01), (
             "uvicorn did not start"
+        )
         assert self.server.started, "uvicorn exited"
 
     def stop(self) -> None:
@@ -123,14 +136,25 @@ def assert_alive(client: httpx.Client) -> None:
 
 def test_requests_without_the_right_bearer_token_get_401(api: ApiServer, client: httpx.Client) -> None:
     body = orjson.dumps([ev()])
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
-                    {"Authorization": TOKEN}, {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": "Bearer"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": "Bearer"},
+    ):
         r = client.post("/v1/events", content=body, headers=headers)
         assert r.status_code == 401, headers
         assert r.json()["error"] == "unauthorized"
         assert r.headers["www-authenticate"].startswith("Bearer")
     assert api.stored() == 0
-    assert client.post("/v1/events", content=body, headers={"Authorization": f"bearer {TOKEN}", **JSON}).status_code == 200
+    assert (
+        client.post(
+            "/v1/events", content=body, headers={"Authorization": f"bearer {TOKEN}", **JSON}
+        ).status_code
+        == 200
+    )
     assert api.stored() == 1
 
 
@@ -149,11 +173,22 @@ def test_without_a_token_file_every_post_is_refused(tmp_path: Path) -> None:
 # ---- accepted bodies --------------------------------------------------------------------------------
 
 
-def test_a_json_array_is_committed_and_answered_with_ids_in_order(api: ApiServer, client: httpx.Client) -> None:
+def test_a_json_array_is_committed_and_answered_with_ids_in_order(
+    api: ApiServer, client: httpx.Client
+) -> None:
     events = [
-        {"type": "app.checkin", "data": {"member": "m-1"}, "source": "tablet-3", "ts": "2026-11-23T09:15:02.125+01:00"},
+        {
+            "type": "app.checkin",
+            "data": {"member": "m-1"},
+            "source": "tablet-3",
+            "ts": "2026-11-23T09:15:02.125+01:00",
+        },
         {"type": "app.checkout", "data": {}},
-        {"type": "app.note", "data": {"text": "é✓", "nested": {"a": [1, 2.5, None, True]}}, "ts": "2026-11-23T08:15:02Z"},
+        {
+            "type": "app.note",
+            "data": {"text": "é✓", "nested": {"a": [1, 2.5, None, True]}},
+            "ts": "2026-11-23T08:15:02Z",
+        },
     ]
     r = post(client, events)
     assert r.status_code == 200, r.text
@@ -208,23 +243,25 @@ def test_other_streams_are_admitted_when_configured(tmp_path: Path) -> None:
 # ---- refused bodies ----------------------------------------------------------------------------------
 
 
-def test_every_bad_event_is_listed_by_index_and_nothing_is_committed(api: ApiServer, client: httpx.Client) -> None:
+def test_every_bad_event_is_listed_by_index_and_nothing_is_committed(
+    api: ApiServer, client: httpx.Client
+) -> None:
     events: list[Any] = [
         ev(0),
-        {"type": "pos.sale", "data": {}},                     # 1: a device stream
-        {"type": "app.x"},                                      # 2: no data
-        {"type": "app.x", "data": [1, 2]},                      # 3: data not an object
+        {"type": "pos.sale", "data": {}},  # 1: a device stream
+        {"type": "app.x"},  # 2: no data
+        {"type": "app.x", "data": [1, 2]},  # 3: data not an object
         ev(4),
         {"type": "app.x", "data": {}, "ts": "2026-11-23T09:15:02"},  # 5: no offset
         {"type": "app.x", "data": {}, "ts": "2026-02-30T09:15:02Z"},  # 6: no such day
-        "app.x",                                                # 7: not an object
-        {"type": "appx", "data": {}},                           # 8: not stream.name
-        {"type": "app.x", "data": {}, "source": 5},             # 9: source not a string
-        {"type": "app.x", "data": {}, "extra": 1},              # 10: unknown field
-        {"data": {}},                                           # 11: no type
-        {"type": "app.", "data": {}},                           # 12: empty name
-        {"type": "app.x", "data": "{}"},                        # 13: data a string
-        {"type": "app.x", "data": {}, "ts": 1764000000},        # 14: ts a number
+        "app.x",  # 7: not an object
+        {"type": "appx", "data": {}},  # 8: not stream.name
+        {"type": "app.x", "data": {}, "source": 5},  # 9: source not a string
+        {"type": "app.x", "data": {}, "extra": 1},  # 10: unknown field
+        {"data": {}},  # 11: no type
+        {"type": "app.", "data": {}},  # 12: empty name
+        {"type": "app.x", "data": "{}"},  # 13: data a string
+        {"type": "app.x", "data": {}, "ts": 1764000000},  # 14: ts a number
     ]
     r = post(client, events)
     assert r.status_code == 400
@@ -250,7 +287,9 @@ def test_every_bad_event_is_listed_by_index_and_nothing_is_committed(api: ApiSer
 def test_an_unknown_field_alone_is_refused(api: ApiServer, client: httpx.Client) -> None:
     r = post(client, [ev(0), {"type": "app.x", "data": {}, "timestamp": "2026-11-23T09:15:02Z"}])
     assert r.status_code == 400
-    assert r.json()["errors"] == [{"index": 1, "reason": "unknown field 'timestamp' (an event has type, data, source, ts)"}]
+    assert r.json()["errors"] == [
+        {"index": 1, "reason": "unknown field 'timestamp' (an event has type, data, source, ts)"}
+    ]
     assert api.stored() == 0
 
 
@@ -264,15 +303,15 @@ def test_a_day_that_does_not_exist_alone_is_refused(api: ApiServer, client: http
 @pytest.mark.parametrize(
     "body",
     [
-        b'[{"type": "app.x", "data": {}}',                    # truncated
-        b'{"type": "app.x", "data": {}}',                     # an object, not an array
+        b'[{"type": "app.x", "data": {}}',  # truncated
+        b'{"type": "app.x", "data": {}}',  # an object, not an array
         b"42",
         b"",
-        b"[" * 100_000,                                       # deeply nested
+        b"[" * 100_000,  # deeply nested
         b"[" * 100_000 + b"]" * 100_000,
-        b'[{"type": "app.x", "data": {"a": "\xff\xfe"}}]',    # invalid UTF-8
-        b'[{"type": "app.x", "data": {"a": "\\ud800"}}]',     # a lone surrogate
-        b'\xef\xbb\xbf[{"type": "app.x", "data": {}}]',       # a byte order mark
+        b'[{"type": "app.x", "data": {"a": "\xff\xfe"}}]',  # invalid UTF-8
+        b'[{"type": "app.x", "data": {"a": "\\ud800"}}]',  # a lone surrogate
+        b'\xef\xbb\xbf[{"type": "app.x", "data": {}}]',  # a byte order mark
         b'[{"type": "app.x", "data": {"a": NaN}}]',
         b"\x00\x01\x02",
     ],
@@ -352,8 +391,10 @@ def test_a_10_mb_body_is_refused_and_the_server_lives_on(api: ApiServer, client:
 def test_reading_stops_at_the_limit_without_waiting_for_the_rest(api: ApiServer) -> None:
     """A chunked body that never ends is answered 413 once 4 MiB have arrived: it is not buffered whole."""
     with socket.create_connection(("127.0.0.1", api.port), timeout=20) as s:
-        s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
-                  "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        s.sendall(
+            f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
         chunk = b"[" + b" " * (1 << 20)
 
         def send() -> None:
@@ -378,8 +419,9 @@ def test_reading_stops_at_the_limit_without_waiting_for_the_rest(api: ApiServer)
 # ---- idempotency -----------------------------------------------------------------------------------------
 
 
-def test_a_retry_with_the_same_key_gets_the_first_answer_and_commits_nothing(api: ApiServer,
-                                                                             client: httpx.Client) -> None:
+def test_a_retry_with_the_same_key_gets_the_first_answer_and_commits_nothing(
+    api: ApiServer, client: httpx.Client
+) -> None:
     body = [ev(1), ev(2)]
     first = post(client, body, {"Idempotency-Key": "order-77"})
     assert first.status_code == 200
@@ -413,8 +455,11 @@ def test_only_200_answers_are_remembered(api: ApiServer, client: httpx.Client) -
 
 def test_a_bad_key_is_a_400(api: ApiServer, client: httpx.Client) -> None:
     for key in ("", "a b", "x" * 256, "clé"):
-        headers = [(b"Authorization", AUTH["Authorization"].encode()), (b"Idempotency-Key", key.encode("utf-8")),
-                   (b"Content-Type", b"application/json")]
+        headers = [
+            (b"Authorization", AUTH["Authorization"].encode()),
+            (b"Idempotency-Key", key.encode("utf-8")),
+            (b"Content-Type", b"application/json"),
+        ]
         r = client.post("/v1/events", content=b"[]", headers=headers)
         assert r.status_code == 400, key
         assert r.json()["error"] == "invalid_idempotency_key"
@@ -427,8 +472,11 @@ def test_the_same_key_while_the_first_is_being_committed_is_a_409(api: ApiServer
     body = orjson.dumps([ev(1)])
     headers = {**AUTH, **JSON, "Idempotency-Key": "slow"}
     try:
-        with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=api.url, timeout=30) as c1, \
-                httpx.Client(base_url=api.url, timeout=30) as c2:
+        with (
+            ThreadPoolExecutor(2) as pool,
+            httpx.Client(base_url=api.url, timeout=30) as c1,
+            httpx.Client(base_url=api.url, timeout=30) as c2,
+        ):
             futures = [pool.submit(c.post, "/v1/events", content=body, headers=headers) for c in (c1, c2)]
             # the one that is not in flight answers at once
             assert wait_until(lambda: any(f.done() for f in futures), 20, interval=0.01)
@@ -494,7 +542,9 @@ def test_503_with_retry_after_when_the_cap_refuses(tmp_path: Path) -> None:
     server = ApiServer(tmp_path, max_bytes=64 * 1024)
     try:
         with httpx.Client(base_url=server.url) as c:
-            batch = [{"type": "app.fill", "data": {"pad": os.urandom(500).hex()}} for _ in range(10)]  # incompressible
+            batch = [
+                {"type": "app.fill", "data": {"pad": os.urandom(500).hex()}} for _ in range(10)
+            ]  # incompressible
             for _ in range(100):
                 r = post(c, batch, {"Idempotency-Key": f"fill-{_}"})
                 if r.status_code != 200:
@@ -508,8 +558,12 @@ def test_503_with_retry_after_when_the_cap_refuses(tmp_path: Path) -> None:
             # transactions are not acknowledged at the cap: health says so, by its own code
             health = c.get("/healthz")
             assert health.status_code == 503
-            assert health.json()["problems"] == [{"code": "buffer_full", "message":
-                                                  "buffer commits are refused: buffer full: the disk cap is reached"}]
+            assert health.json()["problems"] == [
+                {
+                    "code": "buffer_full",
+                    "message": "buffer commits are refused: buffer full: the disk cap is reached",
+                }
+            ]
             # a 503 is not remembered: the same key goes through once there is room
             server.outbox.max_bytes = 1 << 30
             again = post(c, batch, {"Idempotency-Key": f"fill-{_}"})
@@ -586,8 +640,9 @@ def test_healthz_is_503_while_commits_fail_and_200_again_after(api: ApiServer, c
     api.outbox.failure = "disk_full: no room left on the device"  # what the writer sets while commits fail
     r = client.get("/healthz")
     assert r.status_code == 503
-    assert r.json()["problems"] == [{"code": "buffer_failing",
-                                     "message": "buffer commits fail: disk_full: no room left on the device"}]
+    assert r.json()["problems"] == [
+        {"code": "buffer_failing", "message": "buffer commits fail: disk_full: no room left on the device"}
+    ]
     assert r.json()["buffer"]["writable"] is False
     assert "store_agent_buffer_writable 0" in client.get("/metrics").text
     api.outbox.failure = None
@@ -617,27 +672,50 @@ def test_drain_needs_the_token(api: ApiServer, client: httpx.Client) -> None:
 
 def test_the_host_header_must_name_this_server(api: ApiServer, client: httpx.Client) -> None:
     """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own name as Host."""
-    for host in ("evil.example", f"evil.example:{api.port}", "127.0.0.1", f"127.0.0.1:{api.port + 1}",
-                 f"localhost.evil.example:{api.port}", f"0.0.0.0:{api.port}"):
-        for method, path in (("GET", "/v1/status"), ("GET", "/healthz"), ("GET", "/metrics"),
-                             ("POST", "/v1/drain"), ("POST", "/v1/events")):
+    for host in (
+        "evil.example",
+        f"evil.example:{api.port}",
+        "127.0.0.1",
+        f"127.0.0.1:{api.port + 1}",
+        f"localhost.evil.example:{api.port}",
+        f"0.0.0.0:{api.port}",
+    ):
+        for method, path in (
+            ("GET", "/v1/status"),
+            ("GET", "/healthz"),
+            ("GET", "/metrics"),
+            ("POST", "/v1/drain"),
+            ("POST", "/v1/events"),
+        ):
             r = client.request(method, path, headers={"Host": host, **AUTH, **JSON}, content=b"[]")
             assert r.status_code == 421, (host, path)
             assert r.json()["error"] == "misdirected_request"
-    for host in (f"127.0.0.1:{api.port}", f"localhost:{api.port}", f"LocalHost:{api.port}", f"[::1]:{api.port}"):
+    for host in (
+        f"127.0.0.1:{api.port}",
+        f"localhost:{api.port}",
+        f"LocalHost:{api.port}",
+        f"[::1]:{api.port}",
+    ):
         assert client.get("/v1/status", headers={"Host": host}).status_code == 200, host
         assert post(client, [ev()], {"Host": host}).status_code == 200, host
     assert api.stored() == 4
     # two Host headers: refused whatever they say
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
-        s.sendall(f"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nHost: evil.example\r\n\r\n".encode())
+        s.sendall(
+            f"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nHost: evil.example\r\n\r\n".encode()
+        )
         assert s.recv(65536).startswith(b"HTTP/1.1 400")
 
 
 def test_cross_origin_requests_are_refused(api: ApiServer, client: httpx.Client) -> None:
-    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
-                    {"Origin": f"http://localhost:{api.port + 1}"}, {"Origin": f"https://127.0.0.1:{api.port}"},
-                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Origin": f"http://localhost:{api.port + 1}"},
+        {"Origin": f"https://127.0.0.1:{api.port}"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+    ):
         r = post(client, [ev()], headers)
         assert r.status_code == 403, headers
         assert r.json()["error"] == "cross_origin"
@@ -646,23 +724,36 @@ def test_cross_origin_requests_are_refused(api: ApiServer, client: httpx.Client)
         assert client.post("/v1/drain", headers={**AUTH, **headers}).status_code == 403
     assert api.stored() == 0
     # the server's own origin (a page it serves) and non-browser clients are fine
-    assert post(client, [ev()], {"Origin": f"http://127.0.0.1:{api.port}", "Sec-Fetch-Site": "same-origin"}
-                ).status_code == 200
+    assert (
+        post(
+            client, [ev()], {"Origin": f"http://127.0.0.1:{api.port}", "Sec-Fetch-Site": "same-origin"}
+        ).status_code
+        == 200
+    )
     assert api.stored() == 1
 
 
 def test_events_must_be_sent_as_json_or_ndjson(api: ApiServer, client: httpx.Client) -> None:
     """A browser's "simple" cross-origin POST (text/plain, a form) needs no preflight: 415."""
     body = orjson.dumps([ev()])
-    for media in (None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
-                  "multipart/form-data; boundary=x", "application/jsonx"):
+    for media in (
+        None,
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonx",
+    ):
         headers = {**AUTH} if media is None else {**AUTH, "Content-Type": media}
         r = client.post("/v1/events", content=body, headers=headers)
         assert r.status_code == 415, media
         assert r.json()["error"] == "unsupported_media_type"
     assert api.stored() == 0
     for media in ("application/json", "application/json; charset=utf-8", "APPLICATION/JSON"):
-        assert client.post("/v1/events", content=body, headers={**AUTH, "Content-Type": media}).status_code == 200
+        assert (
+            client.post("/v1/events", content=body, headers={**AUTH, "Content-Type": media}).status_code
+            == 200
+        )
     ndjson = {**AUTH, "Content-Type": "application/x-ndjson"}
     assert client.post("/v1/events", content=orjson.dumps(ev()), headers=ndjson).status_code == 200
     assert api.stored() == 4
@@ -678,8 +769,9 @@ def nested(levels: int) -> bytes:
 
 @pytest.mark.parametrize("ndjson", [False, True])
 @pytest.mark.parametrize("levels", [255, 256, 600, 1021])
-def test_data_nested_too_deep_is_a_400_naming_the_event(api: ApiServer, client: httpx.Client, ndjson: bool,
-                                                        levels: int) -> None:
+def test_data_nested_too_deep_is_a_400_naming_the_event(
+    api: ApiServer, client: httpx.Client, ndjson: bool, levels: int
+) -> None:
     good = orjson.dumps(ev(0))
     deep = b'{"type": "app.deep", "data": ' + nested(levels) + b"}"
     if ndjson:
@@ -699,17 +791,25 @@ def test_data_254_levels_deep_is_kept(api: ApiServer, client: httpx.Client) -> N
     assert orjson.dumps(api.envelopes()[0]["data"]) == nested(254)
 
 
-WIDE = [b"123456789012345678901234567890", b"18446744073709551616", b"-9223372036854775809",
-        b"-123456789012345678901234567890"]
+WIDE = [
+    b"123456789012345678901234567890",
+    b"18446744073709551616",
+    b"-9223372036854775809",
+    b"-123456789012345678901234567890",
+]
 
 
 @pytest.mark.parametrize("ndjson", [False, True])
 @pytest.mark.parametrize("number", WIDE)
-def test_integers_beyond_64_bits_are_a_400_naming_the_event(api: ApiServer, client: httpx.Client, ndjson: bool,
-                                                            number: bytes) -> None:
+def test_integers_beyond_64_bits_are_a_400_naming_the_event(
+    api: ApiServer, client: httpx.Client, ndjson: bool, number: bytes
+) -> None:
     """orjson reads them as floats: 1.2345678901234568e+29 would arrive upstream instead."""
-    events = [orjson.dumps(ev(0)), b'{"type": "app.x", "data": {"ok": 1}}',
-              b'{"type": "app.big", "data": {"order": {"lines": [1, ' + number + b"]}}}"]
+    events = [
+        orjson.dumps(ev(0)),
+        b'{"type": "app.x", "data": {"ok": 1}}',
+        b'{"type": "app.big", "data": {"order": {"lines": [1, ' + number + b"]}}}",
+    ]
     if ndjson:
         r = post(client, b"\n".join(events), {"Content-Type": "application/x-ndjson"})
     else:
@@ -721,9 +821,13 @@ def test_integers_beyond_64_bits_are_a_400_naming_the_event(api: ApiServer, clie
 
 
 @pytest.mark.parametrize("ndjson", [False, True])
-def test_integers_at_the_64_bit_limits_keep_every_digit(api: ApiServer, client: httpx.Client, ndjson: bool) -> None:
-    data = b'{"u": 18446744073709551615, "i": -9223372036854775808, "s": "123456789012345678901234567890", ' \
-           b'"f": 1.2345678901234568e+29}'
+def test_integers_at_the_64_bit_limits_keep_every_digit(
+    api: ApiServer, client: httpx.Client, ndjson: bool
+) -> None:
+    data = (
+        b'{"u": 18446744073709551615, "i": -9223372036854775808, "s": "123456789012345678901234567890", '
+        b'"f": 1.2345678901234568e+29}'
+    )
     event = b'{"type": "app.edge", "data": ' + data + b"}"
     if ndjson:
         r = post(client, event + b"\n", {"Content-Type": "application/x-ndjson"})
@@ -747,6 +851,7 @@ def test_an_event_the_broker_could_never_take_is_a_413_naming_it(tmp_path: Path)
     server = ApiServer(tmp_path, mqtt={"host": None, "batch_max_bytes": 4096})
     try:
         with httpx.Client(base_url=server.url, timeout=30) as c:
+
             def event(pad: int) -> dict[str, Any]:
                 return {"type": "app.pad", "source": "tablet-ü", "data": {"pad": "x" * pad}}
 
@@ -794,7 +899,11 @@ def test_endless_headers_are_cut_off(api: ApiServer, client: httpx.Client, kind:
             filler = b"a" * 65536
         else:
             s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\n".encode())
-            filler = b"X-Filler: " + b"a" * 1000 + b"\r\n" if kind == "many headers" else b"X-Endless: " + b"a" * 65536
+            filler = (
+                b"X-Filler: " + b"a" * 1000 + b"\r\n"
+                if kind == "many headers"
+                else b"X-Endless: " + b"a" * 65536
+            )
         sent = 0
         try:
             while sent < 256 * 1024 * 1024:  # bounded: without a limit the server reads all of it
@@ -834,7 +943,9 @@ def test_slow_headers_are_closed_after_the_header_timeout(tmp_path: Path) -> Non
             assert b"HTTP/1.1 408 " in first + answer
         # and one that begins its next request in the same packet as the first (pipelined)
         with socket.create_connection(("127.0.0.1", server.port)) as s:
-            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\nGET /healthz HT".encode())
+            s.sendall(
+                f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\nGET /healthz HT".encode()
+            )
             answer, closed = recv_all(s, 30)
             assert closed
             assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408 " in answer
@@ -869,9 +980,10 @@ def test_a_stalled_body_is_closed_after_the_body_timeout(tmp_path: Path) -> None
     try:
         for framing in ("Transfer-Encoding: chunked", "Content-Length: 100000"):
             with socket.create_connection(("127.0.0.1", server.port)) as s:
-                s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-                          f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
-                          .encode())
+                s.sendall(
+                    f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                    f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode()
+                )
                 part = b"[" + b" " * 999
                 s.sendall(b"%x\r\n%s\r\n" % (len(part), part) if "chunked" in framing else part)
                 assert recv_all(s, 30)[1], f"a stalled body ({framing}) was kept open"
@@ -891,11 +1003,14 @@ def test_bodies_beyond_the_shared_budget_are_refused(tmp_path: Path, framing: st
         body = b"[" + b" " * 60_000 + b"]"
 
         def open_body(s: socket.socket, part: bytes) -> None:
-            framing_header = ("Transfer-Encoding: chunked" if framing == "chunked"
-                              else f"Content-Length: {len(body)}")
-            s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-                      f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
-                      f"{framing_header}\r\n\r\n".encode())
+            framing_header = (
+                "Transfer-Encoding: chunked" if framing == "chunked" else f"Content-Length: {len(body)}"
+            )
+            s.sendall(
+                f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                f"{framing_header}\r\n\r\n".encode()
+            )
             s.sendall(b"%x\r\n%s\r\n" % (len(part), part) if framing == "chunked" else part)
 
         for _ in range(8):

@@ -29,12 +29,19 @@ AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 PER_REQUEST = 50
 
 
-def api_agent(tmp: Path, broker_port: int, preexec_fn: Callable[[], None] | None = None) -> tuple[AgentProcess, int]:
+def api_agent(
+    tmp: Path, broker_port: int, preexec_fn: Callable[[], None] | None = None
+) -> tuple[AgentProcess, int]:
     """The real agent with its local API on a free port (bearer TOKEN), not yet started; and that port."""
     port = free_port()
     (tmp / "token").write_text(TOKEN + "\n")
-    config = write_config(tmp / "agent.toml", tmp / "data", broker_port, api_port=port,
-                          extra=f'token_file = "{tmp / "token"}"\n[log]\nlevel = "warning"\n')
+    config = write_config(
+        tmp / "agent.toml",
+        tmp / "data",
+        broker_port,
+        api_port=port,
+        extra=f'token_file = "{tmp / "token"}"\n[log]\nlevel = "warning"\n',
+    )
     agent = AgentProcess(config, tmp / "agent.log", preexec_fn=preexec_fn)
     agent.env = {k: v for k, v in os.environ.items() if not k.startswith("STORE_AGENT")}
     return agent, port
@@ -55,8 +62,9 @@ def collector(broker: Mosquitto) -> Iterator[Collector]:
 
 
 def request_body(key: str) -> bytes:
-    return orjson.dumps([{"type": "app.checkin", "source": "e2e", "data": {"req": key, "i": i}}
-                         for i in range(PER_REQUEST)])
+    return orjson.dumps(
+        [{"type": "app.checkin", "source": "e2e", "data": {"req": key, "i": i}} for i in range(PER_REQUEST)]
+    )
 
 
 def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_kill(
@@ -64,7 +72,7 @@ def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_ki
 ) -> None:
     agent, port = api_agent(tmp_path, broker.port)
     url = start(agent, port)
-    answered: dict[str, list[str]] = {}   # key -> ids of its 200 answer
+    answered: dict[str, list[str]] = {}  # key -> ids of its 200 answer
     unanswered: list[str] = []
     lock = threading.Lock()
     enough = threading.Event()
@@ -74,7 +82,9 @@ def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_ki
             for n in range(10_000):  # bounded; ends at the kill
                 key = f"w{worker}-r{n}"
                 try:
-                    r = c.post("/v1/events", content=request_body(key), headers={**AUTH, "Idempotency-Key": key})
+                    r = c.post(
+                        "/v1/events", content=request_body(key), headers={**AUTH, "Idempotency-Key": key}
+                    )
                 except httpx.TransportError:
                     with lock:
                         unanswered.append(key)
@@ -88,10 +98,12 @@ def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_ki
     # one request is surely in flight at the kill: its body is never finished
     partial = socket.create_connection(("127.0.0.1", port))
     partial_body = request_body("partial")
-    partial.sendall(f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
-                    "Content-Type: application/json\r\n"
-                    f"Idempotency-Key: partial\r\nContent-Length: {len(partial_body)}\r\n\r\n".encode()
-                    + partial_body[: len(partial_body) // 2])
+    partial.sendall(
+        f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Idempotency-Key: partial\r\nContent-Length: {len(partial_body)}\r\n\r\n".encode()
+        + partial_body[: len(partial_body) // 2]
+    )
     unanswered.append("partial")
 
     threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
@@ -112,7 +124,9 @@ def test_answered_requests_arrive_and_unanswered_ones_are_stored_once_after_a_ki
                 assert r.status_code == 200, r.text
                 answered[key] = r.json()["ids"]
                 # and again: the same answer, nothing new
-                again = c.post("/v1/events", content=request_body(key), headers={**AUTH, "Idempotency-Key": key})
+                again = c.post(
+                    "/v1/events", content=request_body(key), headers={**AUTH, "Idempotency-Key": key}
+                )
                 assert again.content == r.content
 
         expected = {i for ids in answered.values() for i in ids}
@@ -177,7 +191,9 @@ def test_idle_half_requests_never_lock_a_client_out(tmp_path: Path, broker: Mosq
         with httpx.Client(base_url=url, timeout=10) as c:
             for n in range(3):
                 assert c.get("/healthz").status_code == 200
-                assert c.post("/v1/events", content=request_body(f"after-{n}"), headers=AUTH).status_code == 200
+                assert (
+                    c.post("/v1/events", content=request_body(f"after-{n}"), headers=AUTH).status_code == 200
+                )
         assert agent.alive()
     finally:
         for s in halves:

@@ -22,11 +22,17 @@ from agent.web import ApiError, EventBatch
 
 def body(n: int) -> bytes:
     """A request like bench/local_api.py's: small events, every one with a ts and a source."""
-    return orjson.dumps([
-        {"type": "app.checkin", "source": "tablet-1", "ts": f"2026-11-23T09:15:{i % 60:02d}.{i % 1000:03d}+01:00",
-         "data": {"member": f"m-{i}", "lane": i % 8, "worker": 1, "n": i}}
-        for i in range(n)
-    ])
+    return orjson.dumps(
+        [
+            {
+                "type": "app.checkin",
+                "source": "tablet-1",
+                "ts": f"2026-11-23T09:15:{i % 60:02d}.{i % 1000:03d}+01:00",
+                "data": {"member": f"m-{i}", "lane": i % 8, "worker": 1, "n": i},
+            }
+            for i in range(n)
+        ]
+    )
 
 
 def test_the_events_of_a_request_hold_hundreds_of_bytes_each_not_a_4_kib_block() -> None:
@@ -45,7 +51,9 @@ def test_the_events_of_a_request_hold_hundreds_of_bytes_each_not_a_4_kib_block()
     # an Event, its ts and its data (~60 bytes of JSON): a few hundred bytes
     assert held / len(events) < 1024, f"{held / len(events):.0f} bytes held per event"
     # and the bytes are the event's data, exactly
-    envelope = EnvelopeEncoder("t", "s", "a").encode_many(events[:1], 1, "0" * 32, "2026-01-01T00:00:00.000Z")[0]
+    envelope = EnvelopeEncoder("t", "s", "a").encode_many(
+        events[:1], 1, "0" * 32, "2026-01-01T00:00:00.000Z"
+    )[0]
     assert orjson.loads(envelope)["data"] == {"member": "m-0", "lane": 0, "worker": 1, "n": 0}
 
 

@@ -149,7 +149,9 @@ def test_a_bad_event_commits_nothing_of_its_request(outbox):
 def test_dedup_key_commits_once_and_returns_the_first_result(outbox):
     key = Dedup("pos:R1", "R1-000123", b"first")
     a = outbox.commit_sync([Event("pos.sale", {"txn_id": "R1-000123"}, "pos:1")], key)
-    b = outbox.commit_sync([Event("pos.sale", {"txn_id": "R1-000123"}, "pos:1")], Dedup("pos:R1", "R1-000123", b"2"))
+    b = outbox.commit_sync(
+        [Event("pos.sale", {"txn_id": "R1-000123"}, "pos:1")], Dedup("pos:R1", "R1-000123", b"2")
+    )
     assert (a.duplicate, a.count, list(a.seqs)) == (False, 1, [1])
     assert b == Committed(duplicate=True, result=b"first") and b.count == 0
     assert outbox.count == 1
@@ -198,7 +200,9 @@ def test_cap_drops_oldest_low_priority_first_and_records_it(tmp_path):
     assert ob.failure == "buffer full: the disk cap is reached"
     # what traffic is left could not make room for one more sale: the cap counts the file's pages
     # (footprint.py), so the slack of half-empty pages is room that evicting rows does not give back
-    sale_row = max(c.stored for c in read_chunks(ob.read_conn(), 0, 10_000) if c.stream == "pos") + ROW_OVERHEAD
+    sale_row = (
+        max(c.stored for c in read_chunks(ob.read_conn(), 0, 10_000) if c.stream == "pos") + ROW_OVERHEAD
+    )
     assert ob.low_bytes < ob.bytes + sale_row - ob.footprint.cap
     assert ob.low_bytes < ob.bytes // 5, "most of the traffic made room for the sales"
     pos_kept = [e for e in envelopes(ob) if e["type"] == "pos.sale"]
@@ -279,11 +283,13 @@ def test_a_chunk_dropped_by_the_cap_while_in_flight_is_not_counted_twice(tmp_pat
 
 
 def test_running_and_offline_status_count_the_buffer_alike(tmp_path):
-    cfg = AgentConfig.model_validate({
-        "agent": {"tenant": "acme", "store": "s1", "id": "a1", "data_dir": str(tmp_path)},
-        "mqtt": {"host": None},
-        "buffer": {"max_bytes": SMALL_CAP},
-    })
+    cfg = AgentConfig.model_validate(
+        {
+            "agent": {"tenant": "acme", "store": "s1", "id": "a1", "data_dir": str(tmp_path)},
+            "mqtt": {"host": None},
+            "buffer": {"max_bytes": SMALL_CAP},
+        }
+    )
     with Outbox.from_config(cfg) as ob:
         assert (ob.path, ob.max_bytes, ob.chunk_events) == (cfg.buffer_path, SMALL_CAP, cfg.mqtt.batch_size)
         ob.commit_sync([Event("pos.sale", {"i": i}, "pos:1") for i in range(3)])
@@ -296,7 +302,8 @@ def test_running_and_offline_status_count_the_buffer_alike(tmp_path):
         assert (offline["events"], offline["bytes"]) == (live.events, live.bytes)
         # what came in, less what was sent and dropped (a drop commits a system.dropped event too)
         assert live.events == sum(live.events_in.values()) - sum(live.events_sent.values()) - sum(
-            live.events_dropped.values())
+            live.events_dropped.values()
+        )
         held = totals(ob.read_conn())
         assert (held.events, held.bytes, held.low_bytes) == (ob.count, ob.bytes, ob.low_bytes)
         assert envelopes(ob)[0]["type"] == "traffic.summary"
@@ -306,7 +313,9 @@ def test_writer_pragmas_as_sqlite_reports_them(outbox):
     """Issue 17: commits run with synchronous=FULL (2) in WAL mode; deletions alone with NORMAL (1)."""
 
     def probe(conn: sqlite3.Connection) -> tuple[int, str]:
-        return conn.execute("PRAGMA synchronous").fetchone()[0], conn.execute("PRAGMA journal_mode").fetchone()[0]
+        return conn.execute("PRAGMA synchronous").fetchone()[0], conn.execute(
+            "PRAGMA journal_mode"
+        ).fetchone()[0]
 
     results: list[tuple[int, str]] = []
     with wedged(outbox):  # the commit and the probe land in one group
@@ -499,7 +508,9 @@ def test_a_file_that_is_not_a_database_is_quarantined(tmp_path):
 def test_small_events_cost_little_disk(tmp_path):
     with Outbox(tmp_path / "b.db", tenant="acme", store="sh-0012", agent="till-pc-1") as ob:
         for k in range(40):
-            ob.commit_sync([Event("app.checkin", {"member": f"m-{k * 500 + i}"}, "local_api") for i in range(500)])
+            ob.commit_sync(
+                [Event("app.checkin", {"member": f"m-{k * 500 + i}"}, "local_api") for i in range(500)]
+            )
     size = sum(os.path.getsize(p) for p in tmp_path.iterdir() if p.name.startswith("b.db"))
     assert size / 20_000 <= 120, f"{size / 20_000:.0f} bytes per event"
 

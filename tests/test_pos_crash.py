@@ -54,13 +54,18 @@ RESEND_AFTER_S = 2.0  # what a POS does without an answer (contract 4.1)
 
 # ---- the parts ----------------------------------------------------------------------------------
 
+
 class SessionCollector(Collector):
     """tests/subscriber.py's Collector with a persistent session and a quick reconnect."""
 
     def __init__(self, port: int, topic: str) -> None:
         super().__init__(port, topic, client_id="crash-collector")
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="crash-collector",
-                                  protocol=mqtt.MQTTv311, clean_session=False)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="crash-collector",
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self.subscribed.set()
@@ -80,10 +85,13 @@ class Broker(Mosquitto):
     """A mosquitto with persistence, so a kill -9 keeps the sessions saved before it."""
 
     def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir, extra_conf=(
-            f"persistence true\npersistence_location {workdir}/\npersistence_file broker.db\n"
-            "autosave_interval 3600\n"
-        ))
+        super().__init__(
+            workdir,
+            extra_conf=(
+                f"persistence true\npersistence_location {workdir}/\npersistence_file broker.db\n"
+                "autosave_interval 3600\n"
+            ),
+        )
         self.db = self.workdir / "broker.db"
 
     def save(self) -> None:
@@ -91,13 +99,17 @@ class Broker(Mosquitto):
         assert self.proc is not None
         before = self.db.stat().st_mtime_ns if self.db.exists() else 0
         os.kill(self.proc.pid, signal.SIGUSR1)
-        assert wait_until(lambda: self.db.exists() and self.db.stat().st_mtime_ns != before, 10), "broker database save"
+        assert wait_until(lambda: self.db.exists() and self.db.stat().st_mtime_ns != before, 10), (
+            "broker database save"
+        )
 
 
 class Till(threading.Thread):
     """A POS on the pty master: one frame at a time, resend on NAK or after 2 s, next after ACK."""
 
-    def __init__(self, master: int, make: Callable[[int], dict[str, Any]] | None = None, pace: float = 0.005) -> None:
+    def __init__(
+        self, master: int, make: Callable[[int], dict[str, Any]] | None = None, pace: float = 0.005
+    ) -> None:
         super().__init__(name="till", daemon=True)
         self.master = master
         self.make = make or sale
@@ -161,7 +173,7 @@ def exchange(master: int, frame: bytes, wait: float) -> int | None:
             return None
         if select.select([], [master], [], left)[1]:
             with contextlib.suppress(BlockingIOError):
-                view = view[os.write(master, view):]
+                view = view[os.write(master, view) :]
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([master], [], [], left)[0]:
@@ -174,24 +186,42 @@ def exchange(master: int, frame: bytes, wait: float) -> int | None:
 
 def sale(n: int, pad: int = 0) -> dict[str, Any]:
     items = [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50", "name": "x" * 40}] * max(1, pad)
-    return {"txn_id": f"R1-{n:06d}", "register": "R1", "ts": "2026-11-23T16:15:02+08:00", "kind": "sale",
-            "items": items, "total": f"{12.5 * len(items):.2f}", "currency": "CNY", "member_id": "M000123"}
+    return {
+        "txn_id": f"R1-{n:06d}",
+        "register": "R1",
+        "ts": "2026-11-23T16:15:02+08:00",
+        "kind": "sale",
+        "items": items,
+        "total": f"{12.5 * len(items):.2f}",
+        "currency": "CNY",
+        "member_id": "M000123",
+    }
 
 
 def noisy(txn: dict[str, Any]) -> dict[str, Any]:
     """The sale with random item names, so that it takes about as much room compressed as it says."""
-    return dict(txn, items=[dict(item, name=base64.b64encode(os.urandom(96)).decode()) for item in txn["items"]])
+    return dict(
+        txn, items=[dict(item, name=base64.b64encode(os.urandom(96)).decode()) for item in txn["items"]]
+    )
 
 
 def write_config(tmp_path: Path, broker_port: int, pty_path: str | None, **sections: dict[str, Any]) -> Path:
     """The agent's config: [mqtt] keys and other sections as dicts, one stxetx POS on `pty_path`."""
-    extra = '[log]\nlevel = "info"\n' + "".join(toml_table(name, keys) for name, keys in sections.items()
-                                                  if name != "mqtt")
+    extra = '[log]\nlevel = "info"\n' + "".join(
+        toml_table(name, keys) for name, keys in sections.items() if name != "mqtt"
+    )
     if pty_path is not None:
         extra += toml_table("[[pos]]", {"name": "front-1", "port": pty_path})
-    return write_agent_config(tmp_path / "agent.toml", tmp_path / "data", broker_port, extra,
-                              mqtt_extra=toml_keys(sections.get("mqtt", {})),
-                              tenant=TENANT, store=STORE, agent=AGENT_ID)
+    return write_agent_config(
+        tmp_path / "agent.toml",
+        tmp_path / "data",
+        broker_port,
+        extra,
+        mqtt_extra=toml_keys(sections.get("mqtt", {})),
+        tenant=TENANT,
+        store=STORE,
+        agent=AGENT_ID,
+    )
 
 
 def buffer_path(tmp_path: Path) -> Path:
@@ -256,7 +286,9 @@ def fence(broker: Broker, collector: SessionCollector, n: int) -> int:
     client.loop_start()
     try:
         client.publish(topic, b"fence", qos=1).wait_for_publish(10)
-        assert wait_until(lambda: any(m[0] == topic for m in collector.messages[-50:]), 10), "the fence marker"
+        assert wait_until(lambda: any(m[0] == topic for m in collector.messages[-50:]), 10), (
+            "the fence marker"
+        )
     finally:
         client.disconnect()
         client.loop_stop()
@@ -290,6 +322,7 @@ def kill_broker(broker: Broker, collector: SessionCollector, agent: AgentProcess
 
 # ---- 1. kill -9 of the agent, with the broker up, down, and up again ----------------------------
 
+
 def test_agent_kill9_loses_no_acked_transaction(tmp_path: Path, upstream, cleanup) -> None:
     broker, collector = upstream
     pty = Pty()
@@ -314,7 +347,9 @@ def test_agent_kill9_loses_no_acked_transaction(tmp_path: Path, upstream, cleanu
             time.sleep(rng.uniform(0.05, 0.8))
         else:
             target = till.count() + rng.randint(1, 25)
-            assert wait_until(lambda t=target: till.count() >= t or not agent.alive(), 30), f"the till's ACK #{target} (kill {i}): {agent.tail()}"
+            assert wait_until(lambda t=target: till.count() >= t or not agent.alive(), 30), (
+                f"the till's ACK #{target} (kill {i}): {agent.tail()}"
+            )
             time.sleep(rng.uniform(0, 0.02))  # somewhere in the next frame's round trip
         agent.kill9()
         agent.start()
@@ -337,6 +372,7 @@ def test_agent_kill9_loses_no_acked_transaction(tmp_path: Path, upstream, cleanu
 
 # ---- 2. kill -9 of the broker while a backlog drains ---------------------------------------------
 
+
 def test_broker_kill9_during_drain_loses_nothing(tmp_path: Path, upstream, cleanup) -> None:
     broker, collector = upstream
     # big enough that the freeze comes mid-drain even when the collector lags far behind the agent
@@ -349,10 +385,14 @@ def test_broker_kill9_during_drain_loses_nothing(tmp_path: Path, upstream, clean
     agent.start()
     assert wait_until(lambda: len(collector.events) >= 2_000, 30), f"the drain to start: {agent.tail()}"
     kill_broker(broker, collector, agent)
-    assert len(collector.events) < total, "the backlog drained before the broker was killed: nothing was tested"
+    assert len(collector.events) < total, (
+        "the backlog drained before the broker was killed: nothing was tested"
+    )
     broker.start()
     # (the cheap count first: ids() copies under the collector's lock)
-    assert wait_until(lambda: len(collector.events) >= total and len(collector.ids()) >= total, 60), "the rest of the backlog after the broker restart"
+    assert wait_until(lambda: len(collector.events) >= total and len(collector.ids()) >= total, 60), (
+        "the rest of the backlog after the broker restart"
+    )
     assert agent.alive() and agent.starts == 1  # it resumed by itself
     with collector.lock:
         assert sorted({e["data"]["n"] for e in collector.events}) == list(range(total))
@@ -361,11 +401,14 @@ def test_broker_kill9_during_drain_loses_nothing(tmp_path: Path, upstream, clean
 
 # ---- 3. 100,000 events buffered offline, then the broker comes up --------------------------------
 
+
 def test_offline_backlog_of_100k_arrives_in_order(tmp_path: Path, upstream, cleanup) -> None:
     broker, collector = upstream
     total = 100_000
     # two streams interleaved in runs, as a store's traffic is
-    events = [Event("app.checkin" if (i // 250) % 2 else "kpi.sample", {"n": i}, "local_api") for i in range(total)]
+    events = [
+        Event("app.checkin" if (i // 250) % 2 else "kpi.sample", {"n": i}, "local_api") for i in range(total)
+    ]
     config = write_config(tmp_path, broker.port, None)
     prefill_agent(tmp_path, events)
     broker.kill()
@@ -397,9 +440,20 @@ def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cle
     pty = Pty()
     cleanup.append(pty.close)
     # random text in each event: the cap counts stored (compressed) bytes, and these must not shrink
-    traffic = [Event("traffic.summary", {"zone": "door", "present": i, "entered": 1, "left": 0,
-                                         "noise": base64.b64encode(os.urandom(230)).decode()}, "ble")
-               for i in range(TRAFFIC)]
+    traffic = [
+        Event(
+            "traffic.summary",
+            {
+                "zone": "door",
+                "present": i,
+                "entered": 1,
+                "left": 0,
+                "noise": base64.b64encode(os.urandom(230)).decode(),
+            },
+            "ble",
+        )
+        for i in range(TRAFFIC)
+    ]
     outbox = Outbox(buffer_path(tmp_path), tenant=TENANT, store=STORE, agent=AGENT_ID).start()
     for i in range(0, TRAFFIC, 10):  # a dozen rows, so the cap can drop the oldest few
         outbox.commit_sync(traffic[i : i + 10])
@@ -442,7 +496,7 @@ def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cle
     while NAK not in got and time.monotonic() < deadline:
         if view and select.select([], [pty.master], [], 0.05)[1]:
             with contextlib.suppress(BlockingIOError):
-                view = view[os.write(pty.master, view):]
+                view = view[os.write(pty.master, view) :]
         if select.select([pty.master], [], [], 0.05)[0]:
             with contextlib.suppress(BlockingIOError):
                 got += os.read(pty.master, 4096)
@@ -454,12 +508,17 @@ def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cle
     def arrived() -> bool:
         ids = collector.pos_ids()
         with collector.lock:
-            dropped = sum(e["data"]["streams"].get("traffic", 0) for e in collector.events
-                          if e["type"] == "system.dropped")
+            dropped = sum(
+                e["data"]["streams"].get("traffic", 0)
+                for e in collector.events
+                if e["type"] == "system.dropped"
+            )
             sent_traffic = sum(e["type"] == "traffic.summary" for e in collector.events)
         return len(ids) == 3 and dropped > 0 and dropped + sent_traffic >= TRAFFIC
 
-    assert wait_until(arrived, 60), f"the POS sales, the traffic left and system.dropped upstream: {agent.tail()}"
+    assert wait_until(arrived, 60), (
+        f"the POS sales, the traffic left and system.dropped upstream: {agent.tail()}"
+    )
     with collector.lock:
         drops = [e for e in collector.events if e["type"] == "system.dropped"]
         traffic_up = {e["data"]["present"] for e in collector.events if e["type"] == "traffic.summary"}
@@ -468,5 +527,7 @@ def test_disk_cap_drops_traffic_and_holds_pos_acks(tmp_path: Path, upstream, cle
     dropped = sum(d["data"]["streams"]["traffic"] for d in drops)
     assert dropped + len(traffic_up) == TRAFFIC
     assert traffic_up == set(range(TRAFFIC - len(traffic_up), TRAFFIC))  # the oldest were the ones dropped
-    assert_once_each(collector, ["R1-000001", "R1-000002", "R1-000003"], {"R1-000001", "R1-000002", "R1-000003"})
+    assert_once_each(
+        collector, ["R1-000001", "R1-000002", "R1-000003"], {"R1-000001", "R1-000002", "R1-000003"}
+    )
     assert wait_until(lambda: buffer_events(config, tmp_path) == 0, 30), "an empty buffer"

@@ -28,9 +28,14 @@ N = bytes([NAK])
 
 def txn(n: int, **extra: Any) -> dict[str, Any]:
     return {
-        "txn_id": f"R1-{n:06d}", "register": "R1", "ts": "2026-11-23T16:15:02.250+08:00", "kind": "sale",
-        "items": [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50"}], "total": "12.50",
-        "currency": "CNY", **extra,
+        "txn_id": f"R1-{n:06d}",
+        "register": "R1",
+        "ts": "2026-11-23T16:15:02.250+08:00",
+        "kind": "sale",
+        "items": [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50"}],
+        "total": "12.50",
+        "currency": "CNY",
+        **extra,
     }
 
 
@@ -45,7 +50,7 @@ class Line(Pty):
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self.master, view):]
+                view = view[os.write(self.master, view) :]
             except BlockingIOError:  # a 64 KiB frame is more than the pty holds at once
                 pass
 
@@ -53,7 +58,7 @@ class Line(Pty):
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self.master, view):]
+                view = view[os.write(self.master, view) :]
             except BlockingIOError:
                 await asyncio.sleep(0.001)
 
@@ -101,7 +106,9 @@ async def running(
 def setup(tmp_path: Path, **outbox_kw: Any):
     line = Line()
     try:
-        with open_outbox(tmp_path / "buffer.db", tenant="acme", store="sh-0012", agent="till-1", **outbox_kw) as outbox:
+        with open_outbox(
+            tmp_path / "buffer.db", tenant="acme", store="sh-0012", agent="till-1", **outbox_kw
+        ) as outbox:
             yield line, outbox
     finally:
         line.close()
@@ -152,7 +159,7 @@ def test_nak_cases_store_nothing(tmp_path: Path) -> None:
                 assert await line.answers() == N
                 await line.send_async(b"\x02" + b"x" * (MAX_PAYLOAD + 1) + b"\x03\x00")
                 assert await line.answers() == N
-                line.send(b"\x02{\"half\"" + frame(txn(2)))  # STX inside an unfinished frame
+                line.send(b'\x02{"half"' + frame(txn(2)))  # STX inside an unfinished frame
                 assert await line.answers(count=2) == N + A
                 assert [e["data"]["txn_id"] for e in stored_events(outbox.path)] == ["R1-000002"]
 
@@ -192,7 +199,9 @@ def test_partial_frames_across_reads(tmp_path: Path) -> None:
                 for cut in (1, 7, len(data) // 2 - 1, len(data) // 2, len(data) - 1):
                     outbox_before = len(stored_events(outbox.path))
                     line.send(data[:cut])
-                    assert await wait_until_async(lambda: line.unread() == 0, 10)  # the driver has read the first piece
+                    assert await wait_until_async(
+                        lambda: line.unread() == 0, 10
+                    )  # the driver has read the first piece
                     line.send(data[cut:])
                     assert await line.answers(count=2) == A * 2
                     assert len(stored_events(outbox.path)) == outbox_before + (2 if cut == 1 else 0)
@@ -201,8 +210,11 @@ def test_partial_frames_across_reads(tmp_path: Path) -> None:
                     line.send(bytes([byte]))
                     assert await wait_until_async(lambda: line.unread() == 0, 10)
                 assert await line.answers() == A
-                assert sorted(e["data"]["txn_id"] for e in stored_events(outbox.path)) == ["R1-000001", "R1-000002",
-                                                                                    "R1-000003"]
+                assert sorted(e["data"]["txn_id"] for e in stored_events(outbox.path)) == [
+                    "R1-000001",
+                    "R1-000002",
+                    "R1-000003",
+                ]
 
     asyncio.run(main())
 
@@ -241,8 +253,10 @@ def test_duplicate_txn_id_is_acked_and_stored_once(tmp_path: Path) -> None:
                 line.send(frame(other_register))  # same txn_id from another register is another txn
                 assert await line.answers() == A
                 events = stored_events(outbox.path)
-                assert [(e["data"]["register"], e["data"]["total"]) for e in events] == [("R1", "12.50"),
-                                                                                         ("R2", "12.50")]
+                assert [(e["data"]["register"], e["data"]["total"]) for e in events] == [
+                    ("R1", "12.50"),
+                    ("R2", "12.50"),
+                ]
 
     asyncio.run(main())
 

@@ -548,13 +548,25 @@ def test_classifier_takes_any_bytes(md: dict[int, bytes], sd: dict[str, bytes]) 
 
 
 def test_presence_params_carry_the_ble_section() -> None:
-    cfg = BleConfig.model_validate({
-        "adapter": "hci1", "interval_s": 30, "min_count": 4, "leave_after_s": 12.5, "rssi_smoothing": 0.5,
-        "zones": [{"name": "door", "adapter": "hci2", "min_rssi": -60, "hysteresis_db": 3}],
-        "tags": [{"name": "staff", "kind": "staff", "ibeacon_uuid": STAFF_UUID.upper(), "major": 1, "minor": 2}],
-    })
+    cfg = BleConfig.model_validate(
+        {
+            "adapter": "hci1",
+            "interval_s": 30,
+            "min_count": 4,
+            "leave_after_s": 12.5,
+            "rssi_smoothing": 0.5,
+            "zones": [{"name": "door", "adapter": "hci2", "min_rssi": -60, "hysteresis_db": 3}],
+            "tags": [
+                {"name": "staff", "kind": "staff", "ibeacon_uuid": STAFF_UUID.upper(), "major": 1, "minor": 2}
+            ],
+        }
+    )
     assert cfg.presence_params() == PresenceParams(
-        adapter="hci1", interval_s=30.0, min_count=4, leave_after_s=12.5, rssi_smoothing=0.5,
+        adapter="hci1",
+        interval_s=30.0,
+        min_count=4,
+        leave_after_s=12.5,
+        rssi_smoothing=0.5,
         zones=(ZoneParams("door", "hci2", -60, 3.0),),
         tags=(TagRule("staff", "staff", STAFF_UUID, 1, 2, None, None),),
     )

@@ -27,8 +27,10 @@ def test_no_address_in_buffer_log_or_payloads(tmp_path, broker):
     assert len(addresses) >= 20
     data = tmp_path / "data"
     config = write_config(
-        tmp_path / "agent.toml", data, broker.port,
-        "[log]\nlevel = \"debug\"\n"
+        tmp_path / "agent.toml",
+        data,
+        broker.port,
+        '[log]\nlevel = "debug"\n'
         "[ble]\ninterval_s = 1\nmin_count = 1\nleave_after_s = 5\n"
         f'replay = "{TRACE}"\nreplay_speed = 40\nreplay_loop = false\n'
         '[[ble.zones]]\nname = "door"\nmin_rssi = -65\n[[ble.zones]]\nname = "floor"\n'
@@ -41,7 +43,9 @@ def test_no_address_in_buffer_log_or_payloads(tmp_path, broker):
         assert collector.wait_for(
             lambda c: {"traffic.summary", "presence.arrive"} <= {e["type"] for e in c.events}, 60
         ), agent.log_text()[-3000:]
-        assert wait_until(lambda: len([e for e in collector.events if e["type"] == "traffic.summary"]) >= 5, 30)
+        assert wait_until(
+            lambda: len([e for e in collector.events if e["type"] == "traffic.summary"]) >= 5, 30
+        )
     finally:
         assert agent.stop() == 0
         collector.stop()

@@ -349,10 +349,14 @@ def test_the_typed_dicts_name_exactly_each_frames_keys() -> None:
 
     from agent.protocols import ble
 
-    kinds = {typing.get_args(typing.get_type_hints(t)["format"])[0]: t for t in typing.get_args(ble.BeaconFrame)}
-    hexes = ["0201061aff4c000215f7826da64fa24e988024bc5b71e0893e00640003c5",  # iBeacon
-             "0303aafe1516aafe00e800010203040506070809aabbccddeeff0000",  # Eddystone-UID
-             "0303aafe0e16aafe10e8006578616d706c6507"]  # Eddystone-URL
+    kinds = {
+        typing.get_args(typing.get_type_hints(t)["format"])[0]: t for t in typing.get_args(ble.BeaconFrame)
+    }
+    hexes = [
+        "0201061aff4c000215f7826da64fa24e988024bc5b71e0893e00640003c5",  # iBeacon
+        "0303aafe1516aafe00e800010203040506070809aabbccddeeff0000",  # Eddystone-UID
+        "0303aafe0e16aafe10e8006578616d706c6507",
+    ]  # Eddystone-URL
     seen = set()
     for text in hexes:
         for frame in ble.decode_ble_hex(text)["frames"]:

@@ -181,19 +181,35 @@ def test_non_gs1_data_is_valid_without_ais(raw):
 
 @pytest.mark.parametrize(
     "digits, gtin",
-    [("5901234123457", "05901234123457"), ("96385074", "00000096385074"), ("036000291452", "00036000291452"),
-     ("09501101530003", "09501101530003")],
+    [
+        ("5901234123457", "05901234123457"),
+        ("96385074", "00000096385074"),
+        ("036000291452", "00036000291452"),
+        ("09501101530003", "09501101530003"),
+    ],
 )
 def test_bare_gtin_without_aim_is_checked(digits, gtin):
     read = decode_scan(digits.encode() + b"\r\n")
-    assert (read["aim"], read["gtin"], read["ai"], read["valid"], read["errors"]) == (None, gtin, {}, True, [])
+    assert (read["aim"], read["gtin"], read["ai"], read["valid"], read["errors"]) == (
+        None,
+        gtin,
+        {},
+        True,
+        [],
+    )
 
 
 @pytest.mark.parametrize("digits", ["5901234123458", "96385075", "036000291453", "09501101530004"])
 def test_bare_gtin_without_aim_and_a_wrong_check_digit_is_invalid(digits):
     # a misread from a scanner that sends no AIM prefix must not reach the cloud as valid
     read = decode_scan(digits.encode() + b"\r\n")
-    assert (read["aim"], read["data"], read["gtin"], read["ai"], read["valid"]) == (None, digits, None, {}, False)
+    assert (read["aim"], read["data"], read["gtin"], read["ai"], read["valid"]) == (
+        None,
+        digits,
+        None,
+        {},
+        False,
+    )
     assert read["errors"] == [f"wrong check digit in {digits}"]
 
 

@@ -32,8 +32,14 @@ from tests.support.wait import run_async, wait_until_async
 
 
 def tap_cfg(port: str, forward_to: str | None, patterns: dict[str, str] | None = None) -> PosSection:
-    return PosSection(name="front-2", port=port, protocol="escpos", forward_to=forward_to,
-                      encoding="gb18030", patterns=patterns or {})
+    return PosSection(
+        name="front-2",
+        port=port,
+        protocol="escpos",
+        forward_to=forward_to,
+        encoding="gb18030",
+        patterns=patterns or {},
+    )
 
 
 class Collector:
@@ -63,8 +69,13 @@ class Collector:
 async def with_tap(tap: ReceiptTap, body: Callable[[], Awaitable[None]], wait_printer: bool = True) -> None:
     task = asyncio.create_task(tap.run())
     try:
-        assert await wait_until_async(lambda: tap.pos.alive and (not wait_printer or tap.printer is None or tap.printer.alive, 10)
-                    or task.done())
+        assert await wait_until_async(
+            lambda: (
+                tap.pos.alive
+                and (not wait_printer or tap.printer is None or tap.printer.alive, 10)
+                or task.done()
+            )
+        )
         assert not task.done()
         await body()
     finally:
@@ -72,7 +83,10 @@ async def with_tap(tap: ReceiptTap, body: Callable[[], Awaitable[None]], wait_pr
         await asyncio.gather(task, return_exceptions=True)
 
 
-SAMPLE_LINES = [Line("6901234567892", "农夫山泉 550ml", 2, 200), Line("6920100001230", "康师傅红烧牛肉面", 1, 450)]
+SAMPLE_LINES = [
+    Line("6901234567892", "农夫山泉 550ml", 2, 200),
+    Line("6920100001230", "康师傅红烧牛肉面", 1, 450),
+]
 
 
 def sample_receipt(number: int, member: str | None = "8812345678", coupon: str | None = "MJ-20OFF") -> bytes:
@@ -80,7 +94,9 @@ def sample_receipt(number: int, member: str | None = "8812345678", coupon: str |
 
 
 @pytest.mark.parametrize("chunk_sizes", [[1], [2, 3, 5], [63, 64, 65], [511, 4096], [1, 7, 1000, 17, 65536]])
-def test_every_byte_reaches_the_printer_unchanged(outbox: Outbox, ptys: tuple[Pty, Pty], chunk_sizes: list[int]) -> None:
+def test_every_byte_reaches_the_printer_unchanged(
+    outbox: Outbox, ptys: tuple[Pty, Pty], chunk_sizes: list[int]
+) -> None:
     pos, printer = ptys
     rng = random.Random(len(chunk_sizes) * 1000 + chunk_sizes[0])
     # every byte value (XON/XOFF, ^C, CR, DEL, NUL included), a receipt with raster/QR/barcode
@@ -190,7 +206,9 @@ def test_absent_printer_does_not_block_the_pos(outbox: Outbox, tmp_path: Path) -
 
     async def body() -> None:
         await write_all(pos.master, receipts)
-        assert await wait_until_async(lambda: outbox.count == 2, 10)  # read and committed with no printer at all
+        assert await wait_until_async(
+            lambda: outbox.count == 2, 10
+        )  # read and committed with no printer at all
         states = {s["kind"]: s for s in health.snapshot()}
         assert states["pos"]["up"] is True
         assert states["printer"]["up"] is False and "No such file" in states["printer"]["error"]
@@ -226,8 +244,9 @@ def test_printer_away_too_long_drops_oldest_at_a_receipt_start(outbox: Outbox, t
     link = tmp_path / "printer"
     health = HealthBoard()
     one = sample_receipt(1)
-    tap = ReceiptTap(tap_cfg(pos.path, str(link)), outbox, health, reopen_max_s=0.1,
-                     forward_max=len(one) * 2 + 100)
+    tap = ReceiptTap(
+        tap_cfg(pos.path, str(link)), outbox, health, reopen_max_s=0.1, forward_max=len(one) * 2 + 100
+    )
     receipts = [sample_receipt(n) for n in range(1, 6)]
 
     async def body() -> None:
@@ -288,8 +307,10 @@ def test_bad_pattern_or_encoding_is_a_config_error(ptys: tuple[Pty, Pty]) -> Non
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=300).map(lambda b: b.replace(b"\x04", b"\x04\x10\x04\x01")),
-       st.lists(st.integers(min_value=1, max_value=40), min_size=1))
+@given(
+    st.binary(max_size=300).map(lambda b: b.replace(b"\x04", b"\x04\x10\x04\x01")),
+    st.lists(st.integers(min_value=1, max_value=40), min_size=1),
+)
 def test_demo_printer_answers_the_same_however_the_stream_is_split(stream: bytes, sizes: list[int]) -> None:
     whole = PrinterSimulator(-1)._replies(stream)
     printer = PrinterSimulator(-1)
@@ -299,6 +320,10 @@ def test_demo_printer_answers_the_same_however_the_stream_is_split(stream: bytes
         i += sizes[k % len(sizes)]
         k += 1
     assert b"".join(pieces) == whole
-    expected = sum(1 for j in range(len(stream) - 2) if stream[j : j + 2] == b"\x10\x04" and stream[j + 2] in (1, 2, 3, 4))
+    expected = sum(
+        1
+        for j in range(len(stream) - 2)
+        if stream[j : j + 2] == b"\x10\x04" and stream[j + 2] in (1, 2, 3, 4)
+    )
     assert len(whole) == expected
     assert set(whole) <= {STATUS_OK}

@@ -62,7 +62,9 @@ def scanner(port: str, terminator: str = "auto", **kw) -> ScannerSection:
         ("crlf", [b"\r\n"]),
     ],
 )
-def test_every_terminator_and_aim_prefix(outbox: Outbox, pty: Pty, terminator: str, endings: list[bytes]) -> None:
+def test_every_terminator_and_aim_prefix(
+    outbox: Outbox, pty: Pty, terminator: str, endings: list[bytes]
+) -> None:
     health = HealthBoard()
     driver = ScannerDriver(scanner(pty.path, terminator), outbox, health)
     reads = [raw for raw, _ in READS]

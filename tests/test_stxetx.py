@@ -40,8 +40,13 @@ from tests.support.ptys import Pty
 
 # The payload example of contract section 4.1, as a POS would send it.
 CONTRACT_PAYLOAD = {
-    "txn_id": "R1-000123", "register": "R1", "ts": "2026-11-23T16:15:02+08:00", "kind": "sale",
-    "items": [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50"}], "total": "12.50", "currency": "CNY",
+    "txn_id": "R1-000123",
+    "register": "R1",
+    "ts": "2026-11-23T16:15:02+08:00",
+    "kind": "sale",
+    "items": [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50"}],
+    "total": "12.50",
+    "currency": "CNY",
 }
 
 payloads = st.binary(max_size=300).map(lambda b: bytes(x | 0x20 if x < 0x20 else x for x in b))
@@ -60,6 +65,7 @@ def decode_pieces(pieces: list[bytes]) -> list:
 
 
 # --- framing -------------------------------------------------------------------------------------
+
 
 def test_constants() -> None:
     assert (ACK, NAK) == (0x06, 0x15)
@@ -117,7 +123,11 @@ def test_one_nak_per_run_of_junk() -> None:
     assert decode(b"noise") == [Nak("bytes outside a frame")]
     assert decode_pieces([b"no", b"i", b"se\r\n"]) == [Nak("bytes outside a frame")]
     assert decode(b"ab" + frame + b"cd" + frame + frame) == [
-        Nak("bytes outside a frame"), Frame(b"ok"), Nak("bytes outside a frame"), Frame(b"ok"), Frame(b"ok"),
+        Nak("bytes outside a frame"),
+        Frame(b"ok"),
+        Nak("bytes outside a frame"),
+        Frame(b"ok"),
+        Frame(b"ok"),
     ]
 
 
@@ -149,7 +159,7 @@ def test_lrc_byte_may_be_any_value() -> None:
 
 def test_reset_forgets_a_partial_frame() -> None:
     decoder = FrameDecoder()
-    decoder.feed(b"\x02{\"half")
+    decoder.feed(b'\x02{"half')
     assert decoder.in_frame
     decoder.reset()
     assert not decoder.in_frame
@@ -157,16 +167,28 @@ def test_reset_forgets_a_partial_frame() -> None:
 
 
 STREAM = (
-    b"junk" + encode_frame(b'{"a":1}') + b"\x02cut" + encode_frame(b"B" * 40)
-    + b"\x02bad\x03\x00" + encode_frame(b"") + b"\x02x\x01y" + encode_frame(b"end")
+    b"junk"
+    + encode_frame(b'{"a":1}')
+    + b"\x02cut"
+    + encode_frame(b"B" * 40)
+    + b"\x02bad\x03\x00"
+    + encode_frame(b"")
+    + b"\x02x\x01y"
+    + encode_frame(b"end")
 )
 
 
 def test_split_at_every_byte_boundary_decodes_the_same() -> None:
     whole = decode(STREAM)
     assert whole == [
-        Nak("bytes outside a frame"), Frame(b'{"a":1}'), Nak("STX inside an unfinished frame"), Frame(b"B" * 40),
-        Nak("bad LRC"), Frame(b""), Nak("control byte 0x01 inside a frame"), Frame(b"end"),
+        Nak("bytes outside a frame"),
+        Frame(b'{"a":1}'),
+        Nak("STX inside an unfinished frame"),
+        Frame(b"B" * 40),
+        Nak("bad LRC"),
+        Frame(b""),
+        Nak("control byte 0x01 inside a frame"),
+        Frame(b"end"),
     ]
     for k in range(len(STREAM) + 1):
         assert decode_pieces([STREAM[:k], STREAM[k:]]) == whole, k
@@ -174,6 +196,7 @@ def test_split_at_every_byte_boundary_decodes_the_same() -> None:
 
 
 # --- properties ----------------------------------------------------------------------------------
+
 
 @given(st.binary(max_size=2000))
 def test_random_bytes_never_raise(data: bytes) -> None:
@@ -208,15 +231,25 @@ def test_parse_transaction_never_raises(data: bytes) -> None:
     assert isinstance(parse_transaction(data), Transaction | InvalidTransaction)
 
 
-@given(st.dictionaries(st.sampled_from(list(CONTRACT_PAYLOAD)), st.one_of(
-    st.none(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20), st.lists(st.integers(), max_size=2),
-)))
+@given(
+    st.dictionaries(
+        st.sampled_from(list(CONTRACT_PAYLOAD)),
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.text(max_size=20),
+            st.lists(st.integers(), max_size=2),
+        ),
+    )
+)
 def test_parse_transaction_on_mangled_objects_never_raises(changes: dict) -> None:
     payload = json.dumps({**CONTRACT_PAYLOAD, **changes}).encode()  # json: integers past 64 bits too
     assert isinstance(parse_transaction(payload), Transaction | InvalidTransaction)
 
 
 # --- the transaction payload ---------------------------------------------------------------------
+
 
 def test_contract_example_is_a_sale() -> None:
     txn = parse_transaction(orjson.dumps(CONTRACT_PAYLOAD))
@@ -227,9 +260,15 @@ def test_contract_example_is_a_sale() -> None:
 
 
 def test_optional_fields_and_extra_keys_are_kept() -> None:
-    payload = {**CONTRACT_PAYLOAD, "kind": "return", "member_id": "M1", "coupons": ["C-5"], "pickup_code": "123456",
-               "cashier": "07", "items": [{"gtin": "06901234567892", "qty": "0.350", "unit_price": "39.80",
-                                           "name": "苹果"}]}
+    payload = {
+        **CONTRACT_PAYLOAD,
+        "kind": "return",
+        "member_id": "M1",
+        "coupons": ["C-5"],
+        "pickup_code": "123456",
+        "cashier": "07",
+        "items": [{"gtin": "06901234567892", "qty": "0.350", "unit_price": "39.80", "name": "苹果"}],
+    }
     txn = parse_transaction(orjson.dumps(payload))
     assert isinstance(txn, Transaction)
     assert txn.event_type == "pos.return"
@@ -254,7 +293,10 @@ def test_ts_is_optional_and_keeps_milliseconds() -> None:
         ({"kind": "refund"}, "kind:"),
         ({"txn_id": ""}, "txn_id:"),
         ({"currency": "cny"}, "currency:"),
-        ({"items": [{"gtin": "ABC", "qty": 1, "unit_price": "1.00"}]}, "items[0].gtin: must be 8 to 14 digits"),
+        (
+            {"items": [{"gtin": "ABC", "qty": 1, "unit_price": "1.00"}]},
+            "items[0].gtin: must be 8 to 14 digits",
+        ),
         ({"items": [{"gtin": "06901234567892", "qty": True, "unit_price": "1.00"}]}, "items[0].qty"),
         ({"coupons": "C-5"}, "coupons:"),
     ],
@@ -305,15 +347,22 @@ def test_integers_beyond_64_bits_are_invalid_never_floats() -> None:
     result = parse_transaction(payload)
     assert isinstance(result, InvalidTransaction)
     offset = payload.index(b"1234567890123")
-    assert result.reason == (f"payload: integer 123456789012345678901234567890 at byte {offset} is beyond "
-                             "64 bits and would lose digits (send it as a string)")
+    assert result.reason == (
+        f"payload: integer 123456789012345678901234567890 at byte {offset} is beyond "
+        "64 bits and would lose digits (send it as a string)"
+    )
     below = orjson.dumps(CONTRACT_PAYLOAD)[:-1] + b',"points":-9223372036854775809}'
     assert isinstance(parse_transaction(below), InvalidTransaction)
 
 
-@pytest.mark.parametrize("literal, value", [(b"18446744073709551615", (1 << 64) - 1),
-                                            (b"-9223372036854775808", -(1 << 63)),
-                                            (b'"123456789012345678901234567890"', "123456789012345678901234567890")])
+@pytest.mark.parametrize(
+    "literal, value",
+    [
+        (b"18446744073709551615", (1 << 64) - 1),
+        (b"-9223372036854775808", -(1 << 63)),
+        (b'"123456789012345678901234567890"', "123456789012345678901234567890"),
+    ],
+)
 def test_64_bit_integers_and_long_digit_strings_keep_their_digits(literal: bytes, value: object) -> None:
     result = parse_transaction(orjson.dumps(CONTRACT_PAYLOAD)[:-1] + b',"points":' + literal + b"}")
     assert isinstance(result, Transaction) and result.data["points"] == value
@@ -379,7 +428,7 @@ def _over_a_pty(tmp_path: Path, frames: list[bytes]) -> tuple[list[bytes], list[
                 view = memoryview(data)
                 while view:
                     try:
-                        view = view[os.write(pty.master, view):]
+                        view = view[os.write(pty.master, view) :]
                     except BlockingIOError:
                         await asyncio.sleep(0.001)
                 answers.append(await _answer(pty.master))
@@ -396,10 +445,15 @@ def _over_a_pty(tmp_path: Path, frames: list[bytes]) -> tuple[list[bytes], list[
 
 def test_deep_nesting_over_the_line_is_acked_as_pos_invalid(tmp_path: Path) -> None:
     deep = nested_payload(1022)
-    answers, events, count = _over_a_pty(tmp_path, [encode_frame(deep), encode_frame(orjson.dumps(CONTRACT_PAYLOAD))])
+    answers, events, count = _over_a_pty(
+        tmp_path, [encode_frame(deep), encode_frame(orjson.dumps(CONTRACT_PAYLOAD))]
+    )
     assert answers == [bytes([ACK]), bytes([ACK])]  # the POS is not stuck on it, and goes on
     assert [e.type for e in events] == ["pos.invalid", "pos.sale"] and count == 2
-    assert events[0].data == {"raw": base64.b64encode(deep).decode(), "reason": "payload: JSON nests deeper than 254 levels"}
+    assert events[0].data == {
+        "raw": base64.b64encode(deep).decode(),
+        "reason": "payload: JSON nests deeper than 254 levels",
+    }
 
 
 def test_a_huge_integer_over_the_line_is_acked_as_pos_invalid(tmp_path: Path) -> None:

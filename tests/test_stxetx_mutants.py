@@ -49,16 +49,25 @@ def test_after_reset_junk_before_the_next_frame_is_one_nak_then_the_frame_decode
     """`reset()` goes back to the idle state itself, not just "not in a frame": bytes that do not
     frame right after it are NAKed once, and the next frame still decodes."""
     decoder = FrameDecoder()
-    assert decoder.feed(b"\x02{\"cut") == []
+    assert decoder.feed(b'\x02{"cut') == []
     decoder.reset()
     assert not decoder.in_frame
-    assert decoder.feed(b"off\"}\x03" + encode_frame(b'{"a":1}')) == [Nak("bytes outside a frame"), Frame(b'{"a":1}')]
+    assert decoder.feed(b'off"}\x03' + encode_frame(b'{"a":1}')) == [
+        Nak("bytes outside a frame"),
+        Frame(b'{"a":1}'),
+    ]
 
 
 # ---- the reason a pos.invalid event carries (committed with the raw frame) -----------------------
 
-_GOOD = {"txn_id": "t1", "register": "r1", "kind": "sale", "total": "1.00", "currency": "EUR",
-         "items": [{"gtin": "12345678", "qty": 1, "unit_price": "1.00"}]}
+_GOOD = {
+    "txn_id": "t1",
+    "register": "r1",
+    "kind": "sale",
+    "total": "1.00",
+    "currency": "EUR",
+    "items": [{"gtin": "12345678", "qty": 1, "unit_price": "1.00"}],
+}
 
 
 def _reason(**changes: object) -> str:
@@ -93,7 +102,10 @@ def test_a_json_value_that_is_not_an_object_keeps_its_raw_bytes() -> None:
     result = parse_transaction(b"[1]")
     assert isinstance(result, InvalidTransaction)
     assert result.raw == b"[1]"
-    assert result.data == {"raw": base64.b64encode(b"[1]").decode("ascii"), "reason": "payload is not a JSON object"}
+    assert result.data == {
+        "raw": base64.b64encode(b"[1]").decode("ascii"),
+        "reason": "payload is not a JSON object",
+    }
 
 
 def test_frame_errors_say_what_cannot_be_framed() -> None:

@@ -35,6 +35,10 @@ def test_systemd_analyze_verify_passes(tmp_path):
     entry = STORE_AGENT
     unit = tmp_path / "store-agent.service"
     unit.write_text(UNIT.read_text().replace("/opt/store-agent/bin/store-agent", str(entry)))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    problems = [line for line in (result.stdout + result.stderr).splitlines() if "store-agent.service" in line]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    problems = [
+        line for line in (result.stdout + result.stderr).splitlines() if "store-agent.service" in line
+    ]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr

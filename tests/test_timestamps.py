@@ -34,11 +34,25 @@ def test_rfc3339_is_converted_to_utc_milliseconds(text: str, expected: str) -> N
     assert utc_ms(text) == expected  # the envelope module's is the same parser
 
 
-NOT_RFC3339 = ["2026-11-23T08:15:02", "2026-11-23", "2026-11-23T08:15Z", "2026-11-23T24:00:00Z", "2026-11-23T08:15:60Z",
-               "2026-02-29T08:15:02Z", "2026-11-23T08:15:02+0100", "2026-11-23T08:15:02.Z", "20261123T081502Z",
-               "2026-11-23T08:15:02+24:00", "0000-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00",
-               "٢٠٢٦-11-23T08:15:02Z", "2026-11-23T08:15:02Z\n", "", "2026-W48-1T16:15:02+08:00",
-               "2026-11-23T16:15+08:00"]
+NOT_RFC3339 = [
+    "2026-11-23T08:15:02",
+    "2026-11-23",
+    "2026-11-23T08:15Z",
+    "2026-11-23T24:00:00Z",
+    "2026-11-23T08:15:60Z",
+    "2026-02-29T08:15:02Z",
+    "2026-11-23T08:15:02+0100",
+    "2026-11-23T08:15:02.Z",
+    "20261123T081502Z",
+    "2026-11-23T08:15:02+24:00",
+    "0000-01-01T00:00:00Z",
+    "0001-01-01T00:00:00+01:00",
+    "٢٠٢٦-11-23T08:15:02Z",
+    "2026-11-23T08:15:02Z\n",
+    "",
+    "2026-W48-1T16:15:02+08:00",
+    "2026-11-23T16:15+08:00",
+]
 
 
 @pytest.mark.parametrize("text", NOT_RFC3339)
@@ -53,13 +67,28 @@ def test_anything_else_is_refused(text: str) -> None:
 
 
 def pos_payload(ts: str) -> bytes:
-    return orjson.dumps({"txn_id": "R1-000123", "register": "R1", "ts": ts, "kind": "sale",
-                         "items": [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50"}],
-                         "total": "12.50", "currency": "CNY"})
+    return orjson.dumps(
+        {
+            "txn_id": "R1-000123",
+            "register": "R1",
+            "ts": ts,
+            "kind": "sale",
+            "items": [{"gtin": "06901234567892", "qty": 1, "unit_price": "12.50"}],
+            "total": "12.50",
+            "currency": "CNY",
+        }
+    )
 
 
-@pytest.mark.parametrize("text", ["2026-11-23T16:15+08:00", "2026-11-23T16:15:02+0800", "2026-W48-1T16:15:02+08:00",
-                                  "2026-11-23T16:15:02"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-23T16:15+08:00",
+        "2026-11-23T16:15:02+0800",
+        "2026-W48-1T16:15:02+08:00",
+        "2026-11-23T16:15:02",
+    ],
+)
 def test_the_pos_line_refuses_what_the_local_api_refuses(text: str) -> None:
     """These are ISO 8601 that Python's fromisoformat reads, not RFC 3339: before, POS took them."""
     parsed = parse_transaction(pos_payload(text))
@@ -67,9 +96,14 @@ def test_the_pos_line_refuses_what_the_local_api_refuses(text: str) -> None:
     assert base64.b64decode(parsed.data["raw"]) == pos_payload(text)  # kept as pos.invalid, raw
 
 
-@pytest.mark.parametrize("text, expected", [("2026-11-23T16:15:02.1+08:00", "2026-11-23T08:15:02.100Z"),
-                                            ("2026-11-23t16:15:02.123456789+08:00", "2026-11-23T08:15:02.123Z"),
-                                            ("2026-11-23 08:15:02z", "2026-11-23T08:15:02.000Z")])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2026-11-23T16:15:02.1+08:00", "2026-11-23T08:15:02.100Z"),
+        ("2026-11-23t16:15:02.123456789+08:00", "2026-11-23T08:15:02.123Z"),
+        ("2026-11-23 08:15:02z", "2026-11-23T08:15:02.000Z"),
+    ],
+)
 def test_the_pos_line_converts_like_the_local_api(text: str, expected: str) -> None:
     parsed = parse_transaction(pos_payload(text))
     assert isinstance(parsed, Transaction)
@@ -86,11 +120,15 @@ def test_conversion_agrees_with_datetime(moment: datetime, offset_min: int, digi
     local = moment.replace(tzinfo=timezone(timedelta(minutes=offset_min)))
     frac = f"{local.microsecond:06d}000"[:digits]
     sign = "-" if offset_min < 0 else "+"
-    text = (f"{local.year:04d}-{local.month:02d}-{local.day:02d}T{local.hour:02d}:{local.minute:02d}:"
-            f"{local.second:02d}{'.' + frac if digits else ''}{sign}{abs(offset_min) // 60:02d}:{abs(offset_min) % 60:02d}")
+    text = (
+        f"{local.year:04d}-{local.month:02d}-{local.day:02d}T{local.hour:02d}:{local.minute:02d}:"
+        f"{local.second:02d}{'.' + frac if digits else ''}{sign}{abs(offset_min) // 60:02d}:{abs(offset_min) % 60:02d}"
+    )
     utc = local.replace(microsecond=0).astimezone(UTC)
-    expected = (f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}"
-                f".{(frac + '000')[:3]}Z")
+    expected = (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}"
+        f".{(frac + '000')[:3]}Z"
+    )
     assert timestamps.utc_ms(text) == expected
     assert utc_ms(text) == expected
     parsed = timestamps.parse(text)

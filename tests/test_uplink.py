@@ -82,6 +82,7 @@ def test_each_new_event_wakes_the_uplink(tmp_path, broker, monkeypatch, outbox):
     uplink = Uplink(cfg, outbox).start()
     try:
         assert wait_until(lambda: uplink.status.connected, 10)
+
         # several committers at once, one event a commit, as drivers and API clients do
         def commit_many(k: int) -> None:
             for i in range(150):
@@ -95,7 +96,9 @@ def test_each_new_event_wakes_the_uplink(tmp_path, broker, monkeypatch, outbox):
         assert collector.wait_for(lambda c: len(c.ids()) == 900, 20), f"{len(collector.ids())} of 900 sent"
         # and once idle, a single event still goes out
         ids = outbox.commit_sync([Event("pos.sale", {"last": 1}, "pos:1")]).ids
-        assert collector.wait_for(lambda c: ids[0] in c.ids(), 20), "an event committed while idle was not sent"
+        assert collector.wait_for(lambda c: ids[0] in c.ids(), 20), (
+            "an event committed while idle was not sent"
+        )
     finally:
         uplink.stop(1)
         collector.stop()
@@ -139,8 +142,11 @@ def test_will_says_offline_when_the_agent_dies(tmp_path, broker, outbox):
 def tls_broker(tmp_path: Path) -> tuple[Mosquitto, dict[str, Path]]:
     certs = make_ca_and_server(tmp_path / "pki")
     port = free_port()
-    b = Mosquitto(tmp_path / "mq-tls", port=port,
-                  extra_conf=f"cafile {certs['ca']}\ncertfile {certs['cert']}\nkeyfile {certs['key']}\n")
+    b = Mosquitto(
+        tmp_path / "mq-tls",
+        port=port,
+        extra_conf=f"cafile {certs['ca']}\ncertfile {certs['cert']}\nkeyfile {certs['key']}\n",
+    )
     return b.start(), certs
 
 
@@ -172,10 +178,17 @@ def test_failed_tls_is_an_error_never_a_plaintext_fallback(tmp_path, case, outbo
     uplink = Uplink(cfg, outbox).start()
     try:
         outbox.commit_sync([Event("pos.sale", {"secret": "card"}, "pos:1")])
-        assert wait_until(lambda: uplink.status.last_error is not None and uplink.status.reconnects == 0
-                          and (uplink.status.next_attempt_s is not None), 10)
-        assert wait_until(lambda: "TLS handshake failed" in (uplink.status.last_error or ""), 10), \
+        assert wait_until(
+            lambda: (
+                uplink.status.last_error is not None
+                and uplink.status.reconnects == 0
+                and (uplink.status.next_attempt_s is not None)
+            ),
+            10,
+        )
+        assert wait_until(lambda: "TLS handshake failed" in (uplink.status.last_error or ""), 10), (
             uplink.status.last_error
+        )
         time.sleep(0.5)  # a window in which a fallback would have sent it: nothing may arrive
         assert outbox.count == 1 and not uplink.status.connected
         if collector is not None:
@@ -189,6 +202,7 @@ def test_failed_tls_is_an_error_never_a_plaintext_fallback(tmp_path, case, outbo
 
 # ---- issue 12/17: what the broker refuses, what cannot fit, reconnect pacing, a dead thread --------------
 
+
 def set_aside_events(collector: Collector) -> list[dict]:
     return [e for e in collector.events if e["type"] == "system.batch_set_aside"]
 
@@ -197,9 +211,11 @@ def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_pa
     """MQTT 5: a broker whose ACL refuses `up/pos` answers PUBACK 0x87. The POS rows stay in the
     buffer (set aside, reported), the rest goes past them; once allowed, they arrive exactly once."""
     acl = tmp_path / "acl"
-    deny_pos = ("topic read retail/#\n"
-                "topic write retail/acme/s1/a1/state\ntopic write retail/acme/s1/a1/metrics\n"
-                "topic write retail/acme/s1/a1/up/app\ntopic write retail/acme/s1/a1/up/system\n")
+    deny_pos = (
+        "topic read retail/#\n"
+        "topic write retail/acme/s1/a1/state\ntopic write retail/acme/s1/a1/metrics\n"
+        "topic write retail/acme/s1/a1/up/app\ntopic write retail/acme/s1/a1/up/system\n"
+    )
     acl.write_text(deny_pos)
     broker = Mosquitto(tmp_path / "mq", extra_conf=f"acl_file {acl}\n").start()
     cfg = config(tmp_path, broker.port)
@@ -209,7 +225,9 @@ def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_pa
     uplink = Uplink(cfg, outbox).start()
     try:
         # the refusal is no success, and the POS batch is not in front of the rest
-        assert collector.wait_for(lambda c: set(app_ids) <= c.ids() and set_aside_events(c), 20), uplink.status
+        assert collector.wait_for(lambda c: set(app_ids) <= c.ids() and set_aside_events(c), 20), (
+            uplink.status
+        )
         report = set_aside_events(collector)[0]["data"]
         assert report["stream"] == "pos" and report["events"] == 5
         # mosquitto 2.0 closes the session after a refusal: when that close loses the PUBACK, the
@@ -225,7 +243,9 @@ def test_refused_puback_is_never_success_and_the_rows_arrive_once_allowed(tmp_pa
         acl.write_text(deny_pos + "topic write retail/#\n")
         assert broker.proc is not None
         os.kill(broker.proc.pid, signal.SIGHUP)
-        assert wait_until(lambda: (uplink.attempt_now(), outbox.count == 0)[1], 20, interval=0.5), uplink.status
+        assert wait_until(lambda: (uplink.attempt_now(), outbox.count == 0)[1], 20, interval=0.5), (
+            uplink.status
+        )
         pos_seen = [e["id"] for e in collector.events if e["type"] == "pos.sale"]
         assert sorted(pos_seen) == sorted(pos_ids), "each POS event exactly once"
         assert uplink.status.set_aside_events == 0

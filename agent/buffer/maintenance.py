@@ -40,7 +40,9 @@ def prune_pos_keys(conn: sqlite3.Connection, now: float, keep_s: float = POS_KEE
         "DELETE FROM dedup WHERE (ns LIKE 'pos:%' OR ns LIKE 'pos-invalid:%') AND seq <= ?", (row[0],)
     ).rowcount
     # the watermark just used is kept: it is the one later prunes start from
-    conn.execute("DELETE FROM watermarks WHERE ts < (SELECT max(ts) FROM watermarks WHERE ts <= ?)", (now - keep_s,))
+    conn.execute(
+        "DELETE FROM watermarks WHERE ts < (SELECT max(ts) FROM watermarks WHERE ts <= ?)", (now - keep_s,)
+    )
     return deleted
 
 

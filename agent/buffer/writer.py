@@ -179,7 +179,9 @@ class _Group:
     def write(self, conn: sqlite3.Connection) -> None:
         """Insert what is staged (before anything reads the tables in this transaction)."""
         if self.dedups:
-            conn.executemany("INSERT INTO dedup(ns, key, seq, created, result) VALUES(?,?,?,?,?)", self.dedups)
+            conn.executemany(
+                "INSERT INTO dedup(ns, key, seq, created, result) VALUES(?,?,?,?,?)", self.dedups
+            )
             self.dedups.clear()
         if self.rows:
             conn.executemany(
@@ -341,8 +343,11 @@ class Outbox:
         lease = self._read_lease()
         knows_lease = recorded == lease or (recorded is None and "last_seq" in meta)
         if lease and not knows_lease:
-            log.warning("buffer %s does not know the seq lease %d (new, emptied or replaced): seq goes on from it",
-                        self.path, lease)
+            log.warning(
+                "buffer %s does not know the seq lease %d (new, emptied or replaced): seq goes on from it",
+                self.path,
+                lease,
+            )
             last_seq = max(last_seq, lease - 1)
         return last_seq + 1, lease, recorded or 0
 
@@ -378,9 +383,12 @@ class Outbox:
     def _close_file(self, conn: sqlite3.Connection, clean: bool) -> None:
         """Close the write connection; after a clean stop, leave the marker that lets the next
         start skip the full check (everything in the file, the WAL emptied, the totals recorded)."""
-        clean = (clean and not conn.in_transaction
-                 and record_clean_totals(conn, (self.count, self.bytes, self.low_bytes))
-                 and truncate_wal(conn))
+        clean = (
+            clean
+            and not conn.in_transaction
+            and record_clean_totals(conn, (self.count, self.bytes, self.low_bytes))
+            and truncate_wal(conn)
+        )
         conn.close()
         if clean and self.path.exists():
             try:
@@ -578,7 +586,8 @@ class Outbox:
             if self._lease != self._lease_recorded:
                 meta.append(("seq_lease", self._lease))
             conn.executemany(
-                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", meta
+                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                meta,
             )
             conn.execute("COMMIT")
         except Exception as exc:
@@ -638,7 +647,10 @@ class Outbox:
     def _apply(self, conn: sqlite3.Connection, group: _Group) -> None:
         """After COMMIT: the accounts, the answers, the listeners."""
         self.count, self.bytes, self.low_bytes, self.next_seq = (
-            group.count, group.nbytes, group.low_bytes, group.next_seq
+            group.count,
+            group.nbytes,
+            group.low_bytes,
+            group.next_seq,
         )
         self._lease_recorded = self._lease
         self.events_in.update(group.added)
@@ -669,7 +681,9 @@ class Outbox:
         for key in keys:
             # the cap may have dropped a low-priority chunk while it was in flight, or an erasure
             # rewritten it: the accounts take what the row holds now, not what was sent
-            row = conn.execute("DELETE FROM chunks WHERE seq=? RETURNING n, length(body), prio", (key.seq,)).fetchone()
+            row = conn.execute(
+                "DELETE FROM chunks WHERE seq=? RETURNING n, length(body), prio", (key.seq,)
+            ).fetchone()
             if row is None:
                 continue
             n, stored, prio = row
@@ -741,12 +755,18 @@ class Outbox:
                 stream = events[start].stream
                 body = b",".join(envelopes[start:i])
                 packed = pack(body)
-                rows.append(_Row(Chunk(first + start, i - start, stream, priority_of(stream), body, len(packed)),
-                                 packed))
+                rows.append(
+                    _Row(
+                        Chunk(first + start, i - start, stream, priority_of(stream), body, len(packed)),
+                        packed,
+                    )
+                )
                 start = i
         return rows
 
-    def _admit(self, conn: sqlite3.Connection, rows: list[_Row], group: _Group, cost: int = 0) -> BufferFull | None:
+    def _admit(
+        self, conn: sqlite3.Connection, rows: list[_Row], group: _Group, cost: int = 0
+    ) -> BufferFull | None:
         """Step 3: the cap takes the rows (evicting low-priority ones) or refuses them; the lease covers them.
 
         `cost` is what the commit's dedup key adds on disk. The cap is `footprint.cap`: `max_bytes`

@@ -29,7 +29,9 @@ main = cli.main
 
 ConfigOption = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="agent.toml (else $STORE_AGENT_CONFIG, else /etc/store-agent/agent.toml)"),
+    typer.Option(
+        "--config", "-c", help="agent.toml (else $STORE_AGENT_CONFIG, else /etc/store-agent/agent.toml)"
+    ),
 ]
 
 
@@ -95,7 +97,9 @@ def doctor(config: ConfigOption = None) -> None:
 @app.command()
 def drain(
     config: ConfigOption = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="give up after this many seconds")] = 60.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="give up after this many seconds")
+    ] = 60.0,
 ) -> None:
     """Send everything buffered now, with a progress bar, and say what is left."""
     from agent.cli.drain import drain as run_drain
@@ -106,7 +110,9 @@ def drain(
 
 
 @decode_app.command("ble")
-def decode_ble(hex_data: Annotated[str, typer.Argument(metavar="HEX", help="raw advertising data, hex")]) -> None:
+def decode_ble(
+    hex_data: Annotated[str, typer.Argument(metavar="HEX", help="raw advertising data, hex")],
+) -> None:
     """Decode BLE advertising data (AD structures) into beacon frames."""
     from agent.protocols.ble import BleParseError, decode_ble_hex
 
@@ -115,7 +121,9 @@ def decode_ble(hex_data: Annotated[str, typer.Argument(metavar="HEX", help="raw 
 
 
 @decode_app.command("scan")
-def decode_scan(hex_data: Annotated[str, typer.Argument(metavar="HEX", help="one raw scanner read, hex")]) -> None:
+def decode_scan(
+    hex_data: Annotated[str, typer.Argument(metavar="HEX", help="one raw scanner read, hex")],
+) -> None:
     """Decode one raw barcode scanner read (AIM identifier, GS1 element string)."""
     from agent.protocols.scan import ScanParseError, decode_scan_hex
 

@@ -56,7 +56,8 @@ class Cli:
 
         def main_options(
             version: Annotated[
-                bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version")
+                bool,
+                typer.Option("--version", callback=version_callback, is_eager=True, help="print the version"),
             ] = False,
         ) -> None:
             pass  # the help text is the app's own (typer.Typer(help=...))

@@ -33,7 +33,13 @@ def check_data_dir(cfg: AgentConfig) -> list[Check]:
     usage = shutil.disk_usage(probe)
     need = cfg.buffer.max_bytes
     level = "PASS" if usage.free > need else "WARN"
-    out.append((level, "disk room", f"{usage.free // (1 << 20)} MiB free at {probe}; buffer cap {need // (1 << 20)} MiB"))
+    out.append(
+        (
+            level,
+            "disk room",
+            f"{usage.free // (1 << 20)} MiB free at {probe}; buffer cap {need // (1 << 20)} MiB",
+        )
+    )
     return out
 
 
@@ -74,12 +80,24 @@ def check_broker(cfg: AgentConfig) -> list[Check]:
         return [("WARN", "broker", "no [mqtt] host: the agent only buffers")]
     out: list[Check] = []
     if m.protocol == "3.1.1":
-        out.append(("WARN", "mqtt protocol", "3.1.1: a broker that denies a publish still acknowledges it and "
-                    "drops it, so refused events are lost unseen; use protocol = \"5\""))
+        out.append(
+            (
+                "WARN",
+                "mqtt protocol",
+                "3.1.1: a broker that denies a publish still acknowledges it and "
+                'drops it, so refused events are lost unseen; use protocol = "5"',
+            )
+        )
     if not m.tls and not m.is_loopback:
         if m.insecure_plaintext:
-            out.append(("WARN", "broker TLS", f"{m.host} is not on loopback and tls = false "
-                        "(insecure_plaintext = true): the password and events travel in plaintext"))
+            out.append(
+                (
+                    "WARN",
+                    "broker TLS",
+                    f"{m.host} is not on loopback and tls = false "
+                    "(insecure_plaintext = true): the password and events travel in plaintext",
+                )
+            )
         else:
             out.append(("FAIL", "broker TLS", f"{m.host} is not on loopback and tls = false"))
     try:
@@ -126,8 +144,14 @@ def check_clock() -> list[Check]:
     if now < 1_700_000_000:
         return [("FAIL", "clock", f"system time {time.ctime(now)} is in the past: timestamps would be wrong")]
     synced = Path("/run/systemd/timesync/synchronized").exists()
-    return [("PASS" if synced else "WARN", "clock",
-             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)) + ("" if synced else " (NTP sync not confirmed)"))]
+    return [
+        (
+            "PASS" if synced else "WARN",
+            "clock",
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+            + ("" if synced else " (NTP sync not confirmed)"),
+        )
+    ]
 
 
 def collect_checks(cfg: AgentConfig) -> list[Check]:

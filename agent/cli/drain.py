@@ -42,8 +42,13 @@ def drain(cfg: AgentConfig, timeout: float) -> int:
 
     start_left, aside = left_now()
     deadline = time.monotonic() + timeout
-    columns = (TextColumn("draining"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:>9} ev/s"),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("draining"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>9} ev/s"),
+        TimeRemainingColumn(),
+    )
     t0 = time.monotonic()
     try:
         with Progress(*columns, console=console, transient=False) as progress:
@@ -62,8 +67,10 @@ def drain(cfg: AgentConfig, timeout: float) -> int:
             outbox.close()
             lock.release()
     if left and left <= aside:
-        console.print(f"{left} events are left in the buffer, set aside: the broker refused them or they cannot "
-                      "fit its packets; they are kept and retried (see `status`)")
+        console.print(
+            f"{left} events are left in the buffer, set aside: the broker refused them or they cannot "
+            "fit its packets; they are kept and retried (see `status`)"
+        )
     elif left:
         console.print(f"{left} events are left in the buffer (timeout after {timeout:g} s)")
     else:

@@ -59,7 +59,8 @@ def offline_status(cfg: AgentConfig) -> dict[str, Any]:
         state["last_error"] = f"cannot read {path}: {exc}"
         return state
     state["buffer"].update(
-        events=held.events, bytes=held.bytes,
+        events=held.events,
+        bytes=held.bytes,
         oldest_unsent_s=round(max(0.0, time.time() - first), 3) if first is not None else 0.0,
     )
     return state

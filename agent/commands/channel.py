@@ -77,7 +77,9 @@ class CommandChannel:
         self.doctor = doctor
         self._clock = clock
         c = cfg.commands
-        self.policy = rules.Policy(None if c.allow is None else frozenset(c.allow), frozenset(c.require_signature))
+        self.policy = rules.Policy(
+            None if c.allow is None else frozenset(c.allow), frozenset(c.require_signature)
+        )
         self.keys = Keys(c.public_keys)
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -85,7 +87,9 @@ class CommandChannel:
 
     # ---- from the uplink's thread: queue and return ---------------------------------------------
 
-    def submit(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+    def submit(
+        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> None:
         if self._queue.qsize() >= MAX_QUEUED:
             log.warning("command on %s dropped: %d commands already wait", topic[:200], MAX_QUEUED)
             return
@@ -141,19 +145,29 @@ class CommandChannel:
 
     # ---- one command ---------------------------------------------------------------------------------
 
-    def handle(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+    def handle(
+        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> None:
         """Check, execute, record, reply (in the worker thread; also called directly by tests)."""
         name = topic.rsplit("/", 1)[-1]
         incoming = rules.read(payload)
         if incoming.id is None:
-            log.warning("command %s on %s has no readable id, so no reply: %s", name[:64], topic[:200],
-                        incoming.problem or "no id")
+            log.warning(
+                "command %s on %s has no readable id, so no reply: %s",
+                name[:64],
+                topic[:200],
+                incoming.problem or "no id",
+            )
             self._count(name, "unreadable")
             return
         cid = incoming.id
         stored = store.lookup(self.outbox.read_conn(), cid)
         if stored is not None:
-            log.info("command %s (%s) seen before: its stored reply is sent again, nothing runs", cid[:64], name[:64])
+            log.info(
+                "command %s (%s) seen before: its stored reply is sent again, nothing runs",
+                cid[:64],
+                name[:64],
+            )
             self._send(stored)
             return
         now = datetime.fromtimestamp(self._clock(), UTC)
@@ -161,7 +175,9 @@ class CommandChannel:
         if isinstance(checked, rules.Refusal):
             log.warning("command %s (%s) refused: %s: %s", cid[:64], name[:64], checked.code, checked.message)
             reply = rules.reply_error(cid, checked.code, checked.message)
-            self._record(store.Stored(cid, name[:128], False, checked.code, reply, response_topic, correlation))
+            self._record(
+                store.Stored(cid, name[:128], False, checked.code, reply, response_topic, correlation)
+            )
             return
         if isinstance(checked, rules.EraseSubjectArgs):
             self._erase(cid, name, checked, response_topic, correlation)
@@ -186,13 +202,17 @@ class CommandChannel:
             return {"level": args.level}
         if isinstance(args, rules.DiagnosticsArgs):
             checks = self.doctor() if self.doctor is not None else []
-            doctor = [{"check": what, "ok": level != "FAIL", "detail": f"{level}: {detail}"}
-                      for level, what, detail in checks]
+            doctor = [
+                {"check": what, "ok": level != "FAIL", "detail": f"{level}: {detail}"}
+                for level, what, detail in checks
+            ]
             lines = RING.tail(args.log_lines)
             # the oldest lines give way when the reply would not fit the broker's packets
-            room = self._reply_limit(None) - len(rules.reply_ok("x" * rules.MAX_ID, {"doctor": doctor, "log": []}))
+            room = self._reply_limit(None) - len(
+                rules.reply_ok("x" * rules.MAX_ID, {"doctor": doctor, "log": []})
+            )
             while lines and sum(len(line) + 8 for line in lines) > room:  # 8: quotes, comma, escapes' slack
-                lines = lines[len(lines) // 10 + 1:]
+                lines = lines[len(lines) // 10 + 1 :]
             return {"doctor": doctor, "log": lines}
         if name == "status":
             return self.reporter.status()
@@ -216,20 +236,38 @@ class CommandChannel:
             time.sleep(0.05)
         return {"sent": sum(self.outbox.events_sent.values()) - before, "left": self.outbox.count}
 
-    def _erase(self, cid: str, name: str, args: rules.EraseSubjectArgs,
-               response_topic: str | None, correlation: bytes | None) -> None:
+    def _erase(
+        self,
+        cid: str,
+        name: str,
+        args: rules.EraseSubjectArgs,
+        response_topic: str | None,
+        correlation: bytes | None,
+    ) -> None:
         now = self._clock()
         seqs, after = candidates(self.outbox.read_conn(), args.member_id, args.token)  # off the writer
 
         def erase_and_record(conn: sqlite3.Connection) -> Any:
             done = erase(conn, args.member_id, args.token, seqs, after)
-            rec = store.Stored(cid, name, True, None, rules.reply_ok(cid, {"erased": done.value}),
-                               response_topic, correlation)
+            rec = store.Stored(
+                cid,
+                name,
+                True,
+                None,
+                rules.reply_ok(cid, {"erased": done.value}),
+                response_topic,
+                correlation,
+            )
             old = store.insert(conn, rec, now)
             if old is not None:  # recorded meanwhile: undo the erasure's accounting, run nothing
                 raise _AlreadyRecorded(old)
-            return CallResult(value=(rec, done.value), events=[self._event(rec)], removed_events=done.removed_events,
-                              removed_bytes=done.removed_bytes, removed_low_bytes=done.removed_low_bytes)
+            return CallResult(
+                value=(rec, done.value),
+                events=[self._event(rec)],
+                removed_events=done.removed_events,
+                removed_bytes=done.removed_bytes,
+                removed_low_bytes=done.removed_low_bytes,
+            )
 
         try:
             rec, erased = self.outbox.call(erase_and_record, timeout=RECORD_TIMEOUT_S)
@@ -254,7 +292,9 @@ class CommandChannel:
             finally:
                 conn.close()
             time.sleep(0.05)
-        log.warning("erase_subject: the WAL could not be truncated now (readers held it); the next truncation will")
+        log.warning(
+            "erase_subject: the WAL could not be truncated now (readers held it); the next truncation will"
+        )
 
     def _event(self, rec: store.Stored) -> Event:
         kind = "command.refused" if rec.code is not None and rec.code != "failed" else "command.executed"
@@ -280,8 +320,9 @@ class CommandChannel:
         self._count(rec.name, "ok" if rec.ok else str(rec.code))
         self._send(rec)
 
-    def _unrecorded(self, cid: str, name: str, exc: BaseException,
-                    response_topic: str | None, correlation: bytes | None) -> None:
+    def _unrecorded(
+        self, cid: str, name: str, exc: BaseException, response_topic: str | None, correlation: bytes | None
+    ) -> None:
         """The record could not be committed: nothing ran durably; say so, unrecorded (a retry runs it)."""
         log.error("command %s (%s) not recorded, so not done: %s", cid[:64], name[:64], exc)
         self._count(name, "failed")

@@ -58,8 +58,11 @@ def _envelopes(body: str) -> list[tuple[str, dict[str, Any]]]:
 
 def _needles(member_id: str | None, token: str | None) -> tuple[frozenset[str], list[bytes]]:
     needles = frozenset(v for v in (member_id, token) if v)
-    probes = [p for v in needles for p in {v.encode(), json.dumps(v)[1:-1].encode(),
-                                          json.dumps(v, ensure_ascii=False)[1:-1].encode()}]
+    probes = [
+        p
+        for v in needles
+        for p in {v.encode(), json.dumps(v)[1:-1].encode(), json.dumps(v, ensure_ascii=False)[1:-1].encode()}
+    ]
     return needles, probes
 
 
@@ -84,8 +87,13 @@ def candidates(conn: sqlite3.Connection, member_id: str | None, token: str | Non
     return found, last
 
 
-def erase(conn: sqlite3.Connection, member_id: str | None, token: str | None,
-          seqs: list[int] | None = None, after: int = 0) -> CallResult:
+def erase(
+    conn: sqlite3.Connection,
+    member_id: str | None,
+    token: str | None,
+    seqs: list[int] | None = None,
+    after: int = 0,
+) -> CallResult:
     """Remove every buffered event carrying `member_id` or `token`; `value` is how many went.
 
     With `seqs` (from `candidates`), only those rows and the rows above `after` are read; without,
@@ -97,16 +105,24 @@ def erase(conn: sqlite3.Connection, member_id: str | None, token: str | None,
         if seqs is None:
             rows = conn.execute("SELECT seq, n, prio, body FROM chunks ORDER BY seq").fetchall()
         else:
-            rows = [r for seq in seqs
-                    for r in conn.execute("SELECT seq, n, prio, body FROM chunks WHERE seq=?", (seq,))]
-            rows += conn.execute("SELECT seq, n, prio, body FROM chunks WHERE seq > ? ORDER BY seq", (after,)).fetchall()
+            rows = [
+                r
+                for seq in seqs
+                for r in conn.execute("SELECT seq, n, prio, body FROM chunks WHERE seq=?", (seq,))
+            ]
+            rows += conn.execute(
+                "SELECT seq, n, prio, body FROM chunks WHERE seq > ? ORDER BY seq", (after,)
+            ).fetchall()
         for seq, n, prio, stored in rows:
             body = unpack(stored)
             if not any(p in body for p in probes):
                 continue
             parts = _envelopes(body.decode("utf-8"))
-            kept = [text for text, env in parts
-                    if not (_carries(env.get("data"), needles) or env.get("source") in needles)]
+            kept = [
+                text
+                for text, env in parts
+                if not (_carries(env.get("data"), needles) or env.get("source") in needles)
+            ]
             gone = len(parts) - len(kept)
             if not gone:
                 continue
@@ -124,5 +140,9 @@ def erase(conn: sqlite3.Connection, member_id: str | None, token: str | None,
             removed_bytes += delta
             if prio == PRIORITY_LOW:
                 removed_low += delta
-    return CallResult(value=erased, removed_events=removed_events, removed_bytes=removed_bytes,
-                      removed_low_bytes=removed_low)
+    return CallResult(
+        value=erased,
+        removed_events=removed_events,
+        removed_bytes=removed_bytes,
+        removed_low_bytes=removed_low,
+    )

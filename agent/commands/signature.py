@@ -14,8 +14,10 @@ class Keys:
 
     def __init__(self, public_keys: Mapping[str, str]) -> None:
         # the config validated each as base64 of 32 bytes
-        self._keys = {kid: Ed25519PublicKey.from_public_bytes(base64.b64decode(text))
-                      for kid, text in public_keys.items()}
+        self._keys = {
+            kid: Ed25519PublicKey.from_public_bytes(base64.b64decode(text))
+            for kid, text in public_keys.items()
+        }
 
     def verify(self, key_id: str, signature: bytes, signed: bytes) -> bool:
         key = self._keys.get(key_id)

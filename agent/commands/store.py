@@ -43,8 +43,10 @@ def insert(conn: sqlite3.Connection, rec: Stored, now: float) -> Stored | None:
     old = lookup(conn, rec.id)
     if old is not None:
         return old
-    conn.execute(f"INSERT INTO commands({_COLS}, created) VALUES(?,?,?,?,?,?,?,?)",
-                 (rec.id, rec.name, int(rec.ok), rec.code, rec.reply, rec.resp_topic, rec.corr, now))
+    conn.execute(
+        f"INSERT INTO commands({_COLS}, created) VALUES(?,?,?,?,?,?,?,?)",
+        (rec.id, rec.name, int(rec.ok), rec.code, rec.reply, rec.resp_topic, rec.corr, now),
+    )
     return None
 
 
@@ -56,4 +58,3 @@ def unacked(conn: sqlite3.Connection, limit: int = 1000) -> list[Stored]:
     """Replies stored but not acknowledged by the broker, oldest first."""
     rows = conn.execute(f"SELECT {_COLS} FROM commands WHERE acked=0 ORDER BY created LIMIT ?", (limit,))
     return [_row(r) for r in rows]
-

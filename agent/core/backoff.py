@@ -62,8 +62,14 @@ class Backoff:
 class ReconnectSchedule:
     """The uplink's delay before the next connection attempt, after a quiet or an answered failure."""
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None,
-                 probe_cap: float = PROBE_CAP_S, probe_base: float = PROBE_BASE_S) -> None:
+    def __init__(
+        self,
+        base: float = 0.5,
+        cap: float = 30.0,
+        rng: random.Random | None = None,
+        probe_cap: float = PROBE_CAP_S,
+        probe_base: float = PROBE_BASE_S,
+    ) -> None:
         self.base = base
         self.cap = cap
         self.probe_cap = min(probe_cap, cap)

@@ -27,8 +27,21 @@ CRITICAL_STREAMS = frozenset({"pos", "scan", "command", "pickup"})
 # Streams the drivers and the agent itself publish (contract section 2): never admitted from the
 # local API, or HTTP clients could skip the POS dedup or forge the agent's own events.
 AGENT_STREAMS = frozenset(
-    {"pos", "scan", "presence", "traffic", "shelf", "label", "screen", "pickup", "command", "kpi",
-     "system", "metrics", "telemetry"}
+    {
+        "pos",
+        "scan",
+        "presence",
+        "traffic",
+        "shelf",
+        "label",
+        "screen",
+        "pickup",
+        "command",
+        "kpi",
+        "system",
+        "metrics",
+        "telemetry",
+    }
 )
 
 PRIORITY_LOW = 0
@@ -74,8 +87,7 @@ def json_problem(text: str, parsed: Any) -> str | None:
         return None
     offset = len(text[: text.find(found[0])].encode("utf-8"))
     shown = found[0] if len(found[0]) <= 40 else found[0][:37] + "..."
-    return (f"integer {shown} {at_byte(offset)} is beyond 64 bits and would lose digits "
-            "(send it as a string)")
+    return f"integer {shown} {at_byte(offset)} is beyond 64 bits and would lose digits (send it as a string)"
 
 
 def stream_of(event_type: str) -> str:
@@ -116,7 +128,10 @@ class Event:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Event) and (self.type, self.data, self.source, self.ts) == (
-            other.type, other.data, other.source, other.ts
+            other.type,
+            other.data,
+            other.source,
+            other.ts,
         )
 
 
@@ -213,9 +228,7 @@ class EnvelopeEncoder:
                 self._names[text] = encoded
         return encoded
 
-    def encode_many(
-        self, events: Sequence[Event], first_seq: int, stem: str, now_ts: str
-    ) -> list[bytes]:
+    def encode_many(self, events: Sequence[Event], first_seq: int, stem: str, now_ts: str) -> list[bytes]:
         """Envelopes for a commit's events, numbered from `first_seq`, ids `stem` + 4 hex digits.
 
         `id` comes first so that its time can be read without parsing (see `id_time`).
@@ -233,13 +246,17 @@ class EnvelopeEncoder:
                 if event.type is not last_type or event.source is not last_source:
                     last_type, last_source = event.type, event.source
                     rest = b'"type":%s,"source":%s,%s,"data":' % (
-                        self._name(event.type), self._name(event.source), self._identity
+                        self._name(event.type),
+                        self._name(event.source),
+                        self._identity,
                     )
                 data = dumps(event.data)
                 if data[:1] != b"{":
                     raise EnvelopeError(f"data of {event.type} is not a JSON object")
                 ts = event.ts.encode() if event.ts else now_b
-                append(b'{"id":"%s%04x","seq":%d,"ts":"%s",%s%s}' % (stem_b, i, first_seq + i, ts, rest, data))
+                append(
+                    b'{"id":"%s%04x","seq":%d,"ts":"%s",%s%s}' % (stem_b, i, first_seq + i, ts, rest, data)
+                )
                 i += 1
         except TypeError as exc:
             raise EnvelopeError(f"event {i} is not JSON: {exc}") from None

@@ -41,8 +41,9 @@ def _utc_minute(head: str, offset: str) -> str:
         delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6]))
         tz = timezone(-delta if offset[0] == "-" else delta)
     try:
-        local = datetime(int(head[0:4]), int(head[5:7]), int(head[8:10]), int(head[11:13]), int(head[14:16]),
-                         tzinfo=tz)
+        local = datetime(
+            int(head[0:4]), int(head[5:7]), int(head[8:10]), int(head[11:13]), int(head[14:16]), tzinfo=tz
+        )
         utc = local.astimezone(UTC)
     except (ValueError, OverflowError):
         raise TimestampError("not a valid date and time") from None
@@ -99,7 +100,15 @@ def parse(text: str) -> datetime:
         delta = timedelta(hours=int(text[-5:-3]), minutes=int(text[-2:]))
         tz = timezone(-delta if text[-6] == "-" else delta)
     try:
-        return datetime(int(main[0:4]), int(main[5:7]), int(main[8:10]), int(main[11:13]), int(main[14:16]),
-                        int(main[17:19]), int((frac + "000000")[:6]) if frac else 0, tzinfo=tz)
+        return datetime(
+            int(main[0:4]),
+            int(main[5:7]),
+            int(main[8:10]),
+            int(main[11:13]),
+            int(main[14:16]),
+            int(main[17:19]),
+            int((frac + "000000")[:6]) if frac else 0,
+            tzinfo=tz,
+        )
     except ValueError:
         raise TimestampError("not a valid date and time") from None

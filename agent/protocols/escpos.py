@@ -37,8 +37,16 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 __all__ = [
-    "EscposDecoded", "EscposError", "Receipt", "ReceiptLines", "ReceiptParser", "check_encoding", "compile_patterns", "decode_escpos",
-    "extract_fields", "extract_receipts",
+    "EscposDecoded",
+    "EscposError",
+    "Receipt",
+    "ReceiptLines",
+    "ReceiptParser",
+    "check_encoding",
+    "compile_patterns",
+    "decode_escpos",
+    "extract_fields",
+    "extract_receipts",
 ]
 
 

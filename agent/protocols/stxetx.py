@@ -277,9 +277,9 @@ def _describe(exc: ValidationError) -> str:
         elif error["type"] == "string_pattern_mismatch" and where.endswith("gtin"):
             message = "must be 8 to 14 digits"
         elif error["type"] == "string_pattern_mismatch" and where.endswith(("price", "total", "qty")):
-            message = "must be a decimal string, e.g. \"12.50\""
+            message = 'must be a decimal string, e.g. "12.50"'
         elif error["type"] == "string_type" and where.endswith(("price", "total")):
-            message = "money must be a decimal string, e.g. \"12.50\""
+            message = 'money must be a decimal string, e.g. "12.50"'
         parts.append(f"{where or 'payload'}: {message}")
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "; ".join(parts) + more

@@ -84,7 +84,7 @@ def load_trace(path: str | Path | Traversable) -> list[TraceRecord]:
     """Every record of a trace file (a path, or package data from importlib.resources), in time order."""
     records: list[TraceRecord] = []
     try:
-        with (open(path, encoding="utf-8") if isinstance(path, str) else path.open(encoding="utf-8")) as f:
+        with open(path, encoding="utf-8") if isinstance(path, str) else path.open(encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -48,6 +48,7 @@ DEMO_PATTERNS = {
 # cover closed, paper present, no error.
 STATUS_OK = 0x12
 
+
 async def wait_fd(fd: int, *, write: bool, timeout: float | None = None) -> bool:
     """Wait until `fd` is readable (or writable); False on timeout."""
     loop = asyncio.get_running_loop()
@@ -106,8 +107,9 @@ def scanner_reads(rng: random.Random) -> list[bytes]:
 class ScannerSimulator:
     """A barcode imager on a pty master: a read every `interval_s` (random in the range)."""
 
-    def __init__(self, master_fd: int, interval_s: tuple[float, float] = (3.0, 10.0),
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, master_fd: int, interval_s: tuple[float, float] = (3.0, 10.0), rng: random.Random | None = None
+    ) -> None:
         self.fd = master_fd
         self.interval_s = interval_s
         self.rng = rng or random.Random()
@@ -161,11 +163,19 @@ def _logo(width_bytes: int = 24, height: int = 32) -> bytes:
 def _qr(data: bytes) -> bytes:
     store = len(data) + 3
     return (
-        GS + b"(k\x04\x001A2\x00"  # model 2
-        + GS + b"(k\x03\x001C\x06"  # module size 6
-        + GS + b"(k\x03\x001E1"  # error correction M
-        + GS + b"(k" + bytes([store & 0xFF, store >> 8]) + b"1P0" + data  # store the data
-        + GS + b"(k\x03\x001Q0"  # print it
+        GS
+        + b"(k\x04\x001A2\x00"  # model 2
+        + GS
+        + b"(k\x03\x001C\x06"  # module size 6
+        + GS
+        + b"(k\x03\x001E1"  # error correction M
+        + GS
+        + b"(k"
+        + bytes([store & 0xFF, store >> 8])
+        + b"1P0"
+        + data  # store the data
+        + GS
+        + b"(k\x03\x001Q0"  # print it
     )
 
 
@@ -173,8 +183,14 @@ def _code128(data: bytes) -> bytes:
     return GS + b"h\x50" + GS + b"w\x02" + GS + b"H\x02" + GS + b"kI" + bytes([len(data)]) + data
 
 
-def receipt_bytes(number: int, lines: list[Line], member_id: str | None, coupon: str | None,
-                  when: float, register: str = "R2") -> bytes:
+def receipt_bytes(
+    number: int,
+    lines: list[Line],
+    member_id: str | None,
+    coupon: str | None,
+    when: float,
+    register: str = "R2",
+) -> bytes:
     """The ESC/POS bytes a Chinese POS sends for one receipt (GB18030, 48 columns)."""
 
     def text(s: str) -> bytes:
@@ -195,7 +211,9 @@ def receipt_bytes(number: int, lines: list[Line], member_id: str | None, coupon:
     out += text("商品条码          数量   单价      金额")
     for line in lines:
         out += text(line.name)
-        out += text(f"{line.gtin}   {line.qty} x {_money(line.unit_fen)}   {_money(line.qty * line.unit_fen)}")
+        out += text(
+            f"{line.gtin}   {line.qty} x {_money(line.unit_fen)}   {_money(line.qty * line.unit_fen)}"
+        )
     out += text("-" * 48)
     out += ESC + b"E\x01" + text(f"合计：{_money(total)}") + ESC + b"E\x00"
     out += text(f"件数：{sum(line.qty for line in lines)}")
@@ -218,8 +236,14 @@ def receipt_bytes(number: int, lines: list[Line], member_id: str | None, coupon:
 class PrintingPosSimulator:
     """A POS that prints receipts on a pty master, `rate_per_min` of them a minute on average."""
 
-    def __init__(self, master_fd: int, rate_per_min: float, register: str = "R2",
-                 rng: random.Random | None = None, status_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        master_fd: int,
+        rate_per_min: float,
+        register: str = "R2",
+        rng: random.Random | None = None,
+        status_timeout_s: float = 1.0,
+    ) -> None:
         self.fd = master_fd
         self.rate_per_min = rate_per_min
         self.register = register

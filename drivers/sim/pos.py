@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 RESEND_AFTER_S = 2.0
 
+
 class PosSimulator:
     """A till on `master_fd` (a pty master) selling `rate_per_min` transactions a minute on average."""
 
-    def __init__(self, master_fd: int, register: str, rate_per_min: float, *, seed: int | None = None) -> None:
+    def __init__(
+        self, master_fd: int, register: str, rate_per_min: float, *, seed: int | None = None
+    ) -> None:
         self.fd = master_fd
         self.register = register
         self.rate_per_min = rate_per_min
@@ -60,7 +63,9 @@ class PosSimulator:
         total = Decimal(0)
         for product in picks:
             qty = rng.choice((1, 1, 1, 2, 3)) if kind != "return" else 1
-            items.append({"gtin": product.gtin14, "name": product.name, "qty": qty, "unit_price": product.price})
+            items.append(
+                {"gtin": product.gtin14, "name": product.name, "qty": qty, "unit_price": product.price}
+            )
             total += Decimal(product.price) * qty
         payload: dict[str, object] = {
             "txn_id": txn_id,
@@ -98,8 +103,12 @@ class PosSimulator:
                 self.acked += 1
                 return
             self.resends += 1
-            log.debug("pos sim %s: %s, resending %s", self.register,
-                      "NAK" if answer == NAK else "no answer", payload["txn_id"])
+            log.debug(
+                "pos sim %s: %s, resending %s",
+                self.register,
+                "NAK" if answer == NAK else "no answer",
+                payload["txn_id"],
+            )
             if answer is not None:
                 await asyncio.sleep(0.05)  # a real till pauses briefly after a NAK
 

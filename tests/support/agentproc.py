@@ -24,16 +24,25 @@ STORE_AGENT = str(Path(sys.executable).with_name("store-agent"))
 __all__ = ["STORE_AGENT", "AgentProcess", "prefill", "status_json", "wait_until", "write_config"]
 
 
-def write_config(path: Path, data_dir: Path, broker_port: int | None, extra: str = "", *,
-                 mqtt_extra: str = "", api_port: int | None = None, tenant: str = "acme", store: str = "s1",
-                 agent: str = "a1") -> Path:
+def write_config(
+    path: Path,
+    data_dir: Path,
+    broker_port: int | None,
+    extra: str = "",
+    *,
+    mqtt_extra: str = "",
+    api_port: int | None = None,
+    tenant: str = "acme",
+    store: str = "s1",
+    agent: str = "a1",
+) -> Path:
     """A minimal agent.toml for tests: loopback broker without TLS (or none), API off unless a port is given.
 
     `mqtt_extra` goes into [mqtt]; `extra` follows the sections (e.g. `[[pos]]` tables; `toml_table`
     writes one).
     """
-    mqtt = (f'host = "127.0.0.1"\nport = {broker_port}\ntls = false\n' if broker_port else "")
-    api = (f'listen = "127.0.0.1:{api_port}"\n' if api_port else "enabled = false\n")
+    mqtt = f'host = "127.0.0.1"\nport = {broker_port}\ntls = false\n' if broker_port else ""
+    api = f'listen = "127.0.0.1:{api_port}"\n' if api_port else "enabled = false\n"
     path.write_text(
         f'[agent]\ntenant = "{tenant}"\nstore = "{store}"\nid = "{agent}"\ndata_dir = "{data_dir}"\n'
         f"[mqtt]\n{mqtt}backoff_max_s = 1.0\n{mqtt_extra}\n"
@@ -57,8 +66,13 @@ def toml_table(name: str, keys: dict[str, Any]) -> str:
 class AgentProcess:
     """Starts, kills (-9) and stops one agent; its stdout and stderr go to a log file."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.env = {**os.environ, **(env or {})}
@@ -70,7 +84,11 @@ class AgentProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [STORE_AGENT, "run", "--config", str(self.config)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
                 preexec_fn=preexec(self.preexec_fn),
             )
         self.starts += 1
@@ -138,6 +156,10 @@ class AgentProcess:
 
 def status_json(config: Path) -> dict[str, Any]:
     """`store-agent status --json` of a config."""
-    out = subprocess.run([STORE_AGENT, "status", "--json", "--config", str(config)],
-                         capture_output=True, timeout=30, check=True)
+    out = subprocess.run(
+        [STORE_AGENT, "status", "--json", "--config", str(config)],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
     return json.loads(out.stdout)

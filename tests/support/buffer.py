@@ -49,8 +49,16 @@ def stored_count(path: Path) -> int:
         conn.close()
 
 
-def prefill(data_dir: Path, events: Sequence[Event], *, batch: int = 500, tenant: str = "acme",
-            store: str = "s1", agent: str = "a1", **outbox_kw: Any) -> list[str]:
+def prefill(
+    data_dir: Path,
+    events: Sequence[Event],
+    *,
+    batch: int = 500,
+    tenant: str = "acme",
+    store: str = "s1",
+    agent: str = "a1",
+    **outbox_kw: Any,
+) -> list[str]:
     """Commit `events` into the agent's own buffer file (`data_dir/buffer.db`) before it starts,
     `batch` events per commit; returns their ids. The identity must be the config's."""
     ids: list[str] = []

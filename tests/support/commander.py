@@ -67,8 +67,15 @@ class Commander:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def send(self, name: str, body: dict[str, Any] | bytes, *, everyone: bool = False,
-             response_topic: str | None = None, correlation: bytes | None = None) -> float:
+    def send(
+        self,
+        name: str,
+        body: dict[str, Any] | bytes,
+        *,
+        everyone: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> float:
         """Publish a command (QoS 1, waits for the PUBACK); returns when it was handed to paho."""
         topic = f"{self.store_base}/all/cmd/{name}" if everyone else f"{self.base}/cmd/{name}"
         payload = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()

@@ -57,7 +57,10 @@ class Mosquitto:
         )
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [mosquitto_binary(), "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True,
+                [mosquitto_binary(), "-c", str(self.conf)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
                 preexec_fn=preexec(),
             )
         deadline = time.monotonic() + 10

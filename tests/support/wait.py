@@ -20,7 +20,9 @@ from typing import Any
 DEFAULT_TIMEOUT_S = 30.0
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S, interval: float = 0.02) -> bool:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S, interval: float = 0.02
+) -> bool:
     """Poll `predicate()` until it is true (True) or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -30,8 +32,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S,
     return bool(predicate())
 
 
-async def wait_until_async(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S,
-                           interval: float = 0.005) -> bool:
+async def wait_until_async(
+    predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S, interval: float = 0.005
+) -> bool:
     """`wait_until` inside an event loop: the loop runs (drivers read, commit) between polls."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
