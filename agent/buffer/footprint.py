@@ -126,6 +126,11 @@ class Footprint:
         """Set the writer connection's pragmas for a bounded footprint."""
         conn.execute("PRAGMA secure_delete=FAST")
         conn.execute(f"PRAGMA journal_size_limit={self.wal_bound}")
+        # SQLite's own passive checkpoint no later than the bound (its default is 1,000 pages,
+        # 4 MB): the WAL restarts from the top at the next write once no reader needs its frames,
+        # so it stays near the bound on its own, and a TRUNCATE is needed only when readers pinned it
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(1, min(1000, self.wal_bound // page_size))}")
 
     @property
     def used(self) -> int:
@@ -170,7 +175,10 @@ class Footprint:
         """After each transaction: calibrate, and truncate the WAL past its bound or once drained."""
         size = self.wal_size()
         due = size > self.wal_bound or (events == 0 and size >= min(DRAIN_TRUNCATE_MIN, self.wal_bound))
-        if due and time.monotonic() >= self._retry_at:
+        # past the reserve the cap keeps for it, the WAL is truncated at every group, readers or not:
+        # the reserve is a bound, not a hope (the writer then waits up to TRUNCATE_BUSY_MS a group)
+        over_reserve = size > 2 * self.wal_bound
+        if due and (over_reserve or time.monotonic() >= self._retry_at):
             if truncate_wal(conn, TRUNCATE_BUSY_MS):
                 self.truncations += 1
             else:  # a reader holds on to the WAL: the writer does not wait on it group after group
