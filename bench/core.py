@@ -23,6 +23,7 @@ import argparse
 import http.client
 import multiprocessing as mp
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -446,6 +447,9 @@ def bench_backlog(args: argparse.Namespace) -> None:
             sampler.reset()
             ctx = mp.get_context("spawn")
             expected, ready, result = ctx.Value("q", n), ctx.Event(), ctx.Queue()
+            # the agent is frozen until the subscriber is in place: it finds a broker that is back
+            # within seconds, and what it sent before anybody subscribed would reach no one
+            os.kill(agent.pid, signal.SIGSTOP)
             holder.close()
             broker.start()
             sub = ctx.Process(
@@ -453,6 +457,7 @@ def bench_backlog(args: argparse.Namespace) -> None:
             )
             sub.start()
             ready.wait(10)
+            os.kill(agent.pid, signal.SIGCONT)
             cpu0, t0 = tree_cpu_seconds(agent.pid), time.time()
             api_post(api_port, "/v1/drain")  # try the broker now, not after the rest of the backoff
             report = result.get(timeout=1800)
