@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.publish as publish
 
@@ -13,41 +17,72 @@ from tests.support.mosquitto import Mosquitto, free_port
 from tests.support.subscriber import Collector
 
 EVENTS = 100_000  # big enough that the freeze comes mid-drain even with a lagging subscriber
+UP = "retail/acme/s1/a1/up/#"
+MARKER = "retail/acme/s1/a1/up/marker"
 
 
-def test_broker_killed_mid_drain_loses_nothing(tmp_path):
+@dataclass
+class Drain:
+    """An agent draining a prefilled backlog into a real broker, and the subscribers watching it."""
+
+    port: int
+    expected: set[str]
+    broker: Mosquitto
+    agent: AgentProcess
+    first: Collector
+    second: Collector | None = None
+
+    def freeze_and_catch_up(self) -> None:
+        """Freeze the agent (SIGSTOP), then let the first subscriber catch up with what the broker
+        already took (a marker published after it arrives after it)."""
+        os.kill(self.agent.pid, signal.SIGSTOP)
+        publish.single(MARKER, b'{"agent":"marker","events":[]}', qos=1, hostname="127.0.0.1", port=self.port)
+        assert self.first.wait_for(lambda c: MARKER in c.by_topic, 30)
+
+    def restart_broker(self) -> Collector:
+        """The killed broker comes back while the agent stays frozen, so that the new subscriber is
+        in place before the agent, let go, can publish again (the broker drops what nobody
+        subscribed to)."""
+        self.first.stop()
+        self.broker.start()
+        self.second = Collector(self.port, UP, client_id="c2").start()
+        os.kill(self.agent.pid, signal.SIGCONT)
+        return self.second
+
+
+@contextmanager
+def draining(tmp_path: Path, events: int) -> Iterator[Drain]:
+    """The agent started on an offline backlog of `events`, committed into its own buffer file
+    before it starts; at the end it is let go and must stop cleanly."""
     data = tmp_path / "data"
     port = free_port()
     config = write_config(tmp_path / "agent.toml", data, port, mqtt_extra="inflight = 4\nbatch_size = 100")
-    # an offline backlog, committed into the agent's own buffer file before it starts
-    expected = set(prefill(data, [Event("app.x", {"i": i}, "api") for i in range(EVENTS)], chunk_events=100))
-
+    expected = set(prefill(data, [Event("app.x", {"i": i}, "api") for i in range(events)], chunk_events=100))
     broker = Mosquitto(tmp_path / "mq", port=port).start()
-    first = Collector(port, "retail/acme/s1/a1/up/#", client_id="c1").start()
-    agent = AgentProcess(config, tmp_path / "agent.log").start()
-    second = None
+    first = Collector(port, UP, client_id="c1").start()
+    run = Drain(port, expected, broker, AgentProcess(config, tmp_path / "agent.log").start(), first)
     try:
+        yield run
+    finally:
+        if run.agent.alive():
+            os.kill(run.agent.pid, signal.SIGCONT)
+            assert run.agent.stop() == 0
+        if run.second is not None:
+            run.second.stop()
+        broker.stop()
+
+
+def test_broker_killed_mid_drain_loses_nothing(tmp_path):
+    with draining(tmp_path, EVENTS) as run:
+        first, agent, expected = run.first, run.agent, run.expected
         assert first.wait_for(lambda c: len(c.events) >= 2_000, 30), agent.log_text()[-2000:]
         # freeze the agent mid-drain, then let the subscriber catch up with what the broker already
-        # took (a marker published after it arrives after it): a broker killed with acknowledged
-        # messages still queued for a slow subscriber loses them, and that is the broker's loss
-        os.kill(agent.pid, signal.SIGSTOP)
-        publish.single(
-            "retail/acme/s1/a1/up/marker",
-            b'{"agent":"marker","events":[]}',
-            qos=1,
-            hostname="127.0.0.1",
-            port=port,
-        )
-        assert first.wait_for(lambda c: "retail/acme/s1/a1/up/marker" in c.by_topic, 30)
-        broker.kill()  # with batches in flight: published, or acknowledged but not yet seen by the agent
+        # took: a broker killed with acknowledged messages still queued for a slow subscriber loses
+        # them, and that is the broker's loss
+        run.freeze_and_catch_up()
+        run.broker.kill()  # with batches in flight: published, or acknowledged but not yet seen by the agent
         assert len(first.ids()) < EVENTS, "the kill must come mid-drain"
-        # the agent stays frozen while the broker comes back, so that the new subscriber is in place
-        # before it can publish again (the broker drops what nobody subscribed to)
-        first.stop()
-        broker.start()
-        second = Collector(port, "retail/acme/s1/a1/up/#", client_id="c2").start()
-        os.kill(agent.pid, signal.SIGCONT)
+        second = run.restart_broker()
         assert second.wait_for(lambda c: expected <= (first.ids() | c.ids()), 60), (
             f"missing {len(expected - first.ids() - second.ids())}: {agent.log_text()[-2000:]}"
         )
@@ -60,13 +95,6 @@ def test_broker_killed_mid_drain_loses_nothing(tmp_path):
         # it noticed the loss and connected again by itself (the loss shows either way it is seen:
         # a failed read, or a failed publish)
         assert agent.log_text().count("connected to broker") >= 2
-    finally:
-        if agent.alive():
-            os.kill(agent.pid, signal.SIGCONT)
-            assert agent.stop() == 0
-        if second is not None:
-            second.stop()
-        broker.stop()
 
 
 def _unread_bytes(port: int) -> int:
@@ -88,27 +116,12 @@ def test_broker_frozen_with_the_window_full_then_killed_loses_nothing(tmp_path):
     in-flight window, then killed (-9) and restarted. Every event arrives: the batches that were in
     flight are sent again, so the read cursor must start again on each connection."""
     events = 20_000
-    data = tmp_path / "data"
-    port = free_port()
-    config = write_config(tmp_path / "agent.toml", data, port, mqtt_extra="inflight = 4\nbatch_size = 100")
-    expected = set(prefill(data, [Event("app.x", {"i": i}, "api") for i in range(events)], chunk_events=100))
-    broker = Mosquitto(tmp_path / "mq", port=port).start()
-    first = Collector(port, "retail/acme/s1/a1/up/#", client_id="c1").start()
-    agent = AgentProcess(config, tmp_path / "agent.log").start()
-    second = None
-    try:
+    with draining(tmp_path, events) as run:
+        first, agent, expected, broker, port = run.first, run.agent, run.expected, run.broker, run.port
         assert first.wait_for(lambda c: len(c.events) >= 1_000, 30), agent.log_text()[-2000:]
         # let the subscriber catch up with everything the broker acknowledged (a marker behind it),
         # so that what the kill loses can only be what the agent has not had acknowledged
-        os.kill(agent.pid, signal.SIGSTOP)
-        publish.single(
-            "retail/acme/s1/a1/up/marker",
-            b'{"agent":"marker","events":[]}',
-            qos=1,
-            hostname="127.0.0.1",
-            port=port,
-        )
-        assert first.wait_for(lambda c: "retail/acme/s1/a1/up/marker" in c.by_topic, 30)
+        run.freeze_and_catch_up()
         assert broker.proc is not None
         os.kill(broker.proc.pid, signal.SIGSTOP)
         os.kill(agent.pid, signal.SIGCONT)
@@ -125,18 +138,8 @@ def test_broker_frozen_with_the_window_full_then_killed_loses_nothing(tmp_path):
         assert len(seen) < events, "the freeze must come mid-drain"
         os.kill(agent.pid, signal.SIGSTOP)  # so that the new subscriber is in place before it sends
         broker.kill()
-        first.stop()
-        broker.start()
-        second = Collector(port, "retail/acme/s1/a1/up/#", client_id="c2").start()
-        os.kill(agent.pid, signal.SIGCONT)
+        second = run.restart_broker()
         assert second.wait_for(lambda c: expected <= (seen | c.ids()), 60), (
             f"missing {len(expected - seen - second.ids())}: {agent.log_text()[-2000:]}"
         )
         assert agent.log_text().count("connected to broker") >= 2
-    finally:
-        if agent.alive():
-            os.kill(agent.pid, signal.SIGCONT)
-            assert agent.stop() == 0
-        if second is not None:
-            second.stop()
-        broker.stop()

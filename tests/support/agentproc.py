@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.buffer import prefill
-from tests.support.children import preexec
+from tests.support.children import spawn_logged
 from tests.support.wait import wait_until
 
 STORE_AGENT = str(Path(sys.executable).with_name("store-agent"))
@@ -81,16 +81,9 @@ class AgentProcess:
         self.starts = 0
 
     def start(self) -> AgentProcess:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [STORE_AGENT, "run", "--config", str(self.config)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-                start_new_session=True,
-                preexec_fn=preexec(self.preexec_fn),
-            )
+        self.proc = spawn_logged(
+            [STORE_AGENT, "run", "--config", str(self.config)], self.log, self.env, self.preexec_fn
+        )
         self.starts += 1
         return self
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
@@ -29,3 +31,23 @@ def preexec(then: Callable[[], None] | None = None) -> Callable[[], None]:
             then()
 
     return run
+
+
+def spawn_logged(
+    argv: list[str],
+    log: Path,
+    env: dict[str, str],
+    then: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` with stdout and stderr appended to `log`, no stdin, in its own session (a
+    signal meant for the test run does not reach it), dying with the test (`preexec(then)`)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=preexec(then),
+        )

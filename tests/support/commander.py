@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 from typing import Any
@@ -15,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.support.subscriber import start_client, stop_client
 from tests.support.wait import wait_until
 
 
@@ -46,26 +46,11 @@ class Commander:
             self.replies.append((msg.topic, bytes(msg.payload), corr, time.perf_counter()))
 
     def start(self, timeout: float = 10.0) -> Commander:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.client.connect("127.0.0.1", self.port, 30)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        sock = self.client.socket()
-        if sock is not None:  # stop-and-wait small packets: Nagle would add a delayed ACK's 40 ms
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.client.loop_start()
-        if not self.subscribed.wait(timeout):
-            raise RuntimeError("commander did not subscribe")
+        start_client(self.client, self.port, self.subscribed, timeout, "commander", nodelay=True)
         return self
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        stop_client(self.client)
 
     def send(
         self,

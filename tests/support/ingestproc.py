@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import psycopg
 
-from tests.support.children import preexec
+from tests.support.children import spawn_logged
 from tests.support.wait import wait_until
 
 STORE_AGENT_INGEST = str(Path(sys.executable).with_name("store-agent-ingest"))
@@ -44,15 +44,9 @@ class IngestProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> IngestProcess:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [STORE_AGENT_INGEST, "run", "--config", str(self.config)],
-                stdout=log,
-                stderr=log,
-                env=self.env,
-                start_new_session=True,
-                preexec_fn=preexec(),
-            )
+        self.proc = spawn_logged(
+            [STORE_AGENT_INGEST, "run", "--config", str(self.config)], self.log, self.env
+        )
         IngestProcess.started.append(self)
         return self
 

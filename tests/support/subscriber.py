@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -12,6 +13,42 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.wait import wait_until
+
+
+def start_client(
+    client: mqtt.Client,
+    port: int,
+    subscribed: threading.Event,
+    timeout: float,
+    who: str,
+    *,
+    nodelay: bool = False,
+) -> None:
+    """Connect `client` to the loopback broker on `port` (again while it is not yet listening, up to
+    `timeout`), start paho's network thread and wait until `subscribed` is set (its on_subscribe).
+
+    `nodelay` turns Nagle off before the loop starts: for stop-and-wait small packets Nagle would
+    add a delayed ACK's 40 ms."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.connect("127.0.0.1", port, 30)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    sock = client.socket()
+    if nodelay and sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.loop_start()
+    if not subscribed.wait(timeout):
+        raise RuntimeError(f"{who} did not subscribe")
+
+
+def stop_client(client: mqtt.Client) -> None:
+    client.disconnect()
+    client.loop_stop()
 
 
 class Collector:
@@ -41,23 +78,11 @@ class Collector:
                 self.events.extend(orjson.loads(msg.payload)["events"])
 
     def start(self, timeout: float = 10.0) -> Collector:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.client.connect("127.0.0.1", self.port, 30)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.client.loop_start()
-        if not self.subscribed.wait(timeout):
-            raise RuntimeError("collector did not subscribe")
+        start_client(self.client, self.port, self.subscribed, timeout, "collector")
         return self
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        stop_client(self.client)
 
     def wait_for(self, predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
         """Wait until `predicate(self)` is true; False after `timeout` seconds."""
