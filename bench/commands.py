@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import shutil
 import sys
 import tempfile
@@ -35,19 +34,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
 
 from agent.core.envelope import Event  # noqa: E402
+from bench.child import cpu_seconds  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 from tests.support.agentproc import AgentProcess, prefill, toml_table, write_config  # noqa: E402
 from tests.support.commander import Commander, sign  # noqa: E402
 from tests.support.mosquitto import Mosquitto  # noqa: E402
 from tests.support.wait import wait_until  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def pct(values: list[float], q: float) -> float:

@@ -33,6 +33,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.child import stop  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 from tests.support.agentproc import STORE_AGENT  # noqa: E402
 from tests.support.mosquitto import Mosquitto, free_port  # noqa: E402
@@ -323,11 +324,7 @@ def main() -> None:
                 spy.send_signal(2)
                 spy.wait(30)
         finally:
-            agent.terminate()
-            try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+            stop(agent, 15)
             sub.join(5)
             if sub.is_alive():
                 sub.kill()

@@ -30,17 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson  # noqa: E402
 
 from agent.protocols.stxetx import ACK, NAK, encode_frame  # noqa: E402
+from bench.child import cpu_seconds, stop  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 from tests.support.agentproc import STORE_AGENT as AGENT  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """user+sys CPU seconds of a process, from /proc/PID/stat (fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def payload(n: int) -> bytes:
@@ -157,11 +149,7 @@ def main() -> None:
         cpu = cpu_seconds(agent.pid) - cpu0
         own = time.process_time() - own0
     finally:
-        agent.terminate()
-        try:
-            agent.wait(10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
+        stop(agent, 10)
         if broker is not None:
             broker.stop()
         os.close(master)

@@ -31,6 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.child import stop  # noqa: E402
 from bench.local_api import memory_mb  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 from tests.support.agentproc import STORE_AGENT  # noqa: E402
@@ -158,11 +159,7 @@ def main() -> None:
             for s in bodies:
                 s.close()
         finally:
-            agent.terminate()
-            try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+            stop(agent, 15)
             log.close()
 
 
