@@ -171,7 +171,7 @@ def _run_case(
                 time.sleep(0.25)
                 tick += 1
                 for (pid,) in conn.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'store-agent-ingest'"
+                    "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'store-agent-ingest%'"
                 ).fetchall():
                     backends.setdefault(pid, cpu_seconds(pid))
                 backend_cpu = {pid: cpu_seconds(pid) for pid in backends}

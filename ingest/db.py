@@ -110,9 +110,15 @@ FROM ingest_stage s JOIN fresh USING (id)
 """
 
 
-def connect(dsn: str) -> psycopg.Connection:
-    """A connection for the ingest (autocommit off: every batch is one explicit transaction)."""
-    conn = psycopg.connect(dsn, application_name="store-agent-ingest", connect_timeout=10)
+APPLICATION_NAME = "store-agent-ingest"
+
+
+def connect(dsn: str, name: str = APPLICATION_NAME) -> psycopg.Connection:
+    """A connection for the ingest (autocommit off: every batch is one explicit transaction).
+
+    `name` is its `application_name`: `store-agent-ingest:{client_id}` for an instance's
+    connections, so `pg_stat_activity` tells the instances apart."""
+    conn = psycopg.connect(dsn, application_name=name, connect_timeout=10)
     return conn
 
 
@@ -138,15 +144,16 @@ def partition_name(day: date) -> str:
 class Writer:
     """One connection, one transaction per batch; knows which day partitions exist."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, name: str = APPLICATION_NAME) -> None:
         self.dsn = dsn
+        self.name = name
         self.conn: psycopg.Connection | None = None
         self._days: set[date] = set()
 
     def open(self) -> None:
         """Connect, migrate, make today's and tomorrow's partitions and the staging table."""
         self.close()
-        conn = connect(self.dsn)
+        conn = connect(self.dsn, self.name)
         self.conn = conn
         migrate(conn)
         self._days = self._existing_days()

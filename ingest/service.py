@@ -68,7 +68,8 @@ class Ingest:
         self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=n + 1)
         self.session = Session(cfg, self.deliveries)
         dsn = cfg.dsn()
-        self.writers = [Writer(dsn) for _ in range(n)]
+        name = f"store-agent-ingest:{cfg.ingest.client_id}"  # in pg_stat_activity
+        self.writers = [Writer(dsn, name) for _ in range(n)]
         self._failed: str | None = None
         self._acked = threading.Condition()
         self._next_ack = 0
@@ -157,7 +158,7 @@ class Ingest:
 
     def _retention(self) -> None:
         """Drop the day partitions past `retention_days` (on a connection of its own)."""
-        keeper = Writer(self.writers[0].dsn)
+        keeper = Writer(self.writers[0].dsn, self.writers[0].name)
         try:
             keeper.open()
             dropped = keeper.drop_older_than(self.cfg.ingest.retention_days, datetime.now(UTC).date())

@@ -95,14 +95,16 @@ def test_two_instances_one_killed_mid_stream(tmp_path: Path, broker: Mosquitto, 
         with psycopg.connect(pgdb) as blocker:
             blocker.execute("LOCK TABLE ingest_event_ids IN EXCLUSIVE MODE")
             sender.start()
+            # each instance has a commit waiting (each has `writers` connections: 1 or 2 may wait)
             assert wait_until(
                 lambda: (
                     query(
                         pgdb,
-                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'store-agent-ingest' "
-                        "AND wait_event_type = 'Lock'",
+                        "SELECT DISTINCT application_name FROM pg_stat_activity "
+                        "WHERE application_name LIKE 'store-agent-ingest:%%' AND wait_event_type = 'Lock' "
+                        "ORDER BY 1",
                     )
-                    == [(2,)]
+                    == [("store-agent-ingest:ingest-1",), ("store-agent-ingest:ingest-2",)]
                 ),
                 20,
             ), one.tail() + two.tail()
