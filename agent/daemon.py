@@ -99,7 +99,9 @@ class Agent:
     def _command_channel(self, reporter: StatusReporter) -> CommandChannel:
         """The command channel, wired to the uplink before it connects (it subscribes on connect)."""
         assert self.uplink is not None
-        return CommandChannel(self.cfg, self.outbox, self.uplink, reporter, self.doctor).start()
+        channel = CommandChannel(self.cfg, self.outbox, self.uplink, reporter, self.doctor).start()
+        reporter.threads["commands"] = lambda: channel.alive  # in /healthz, /metrics and the watchdog
+        return channel
 
     def _check_mqtt_security(self) -> None:
         m = self.cfg.mqtt
@@ -164,15 +166,16 @@ class Agent:
         period = interval if interval else 5.0
         while True:
             await asyncio.sleep(period)
-            healthy = self.outbox.alive and (self.uplink is None or self.uplink.alive)
+            # every long-lived thread runs (a full buffer is no reason for systemd to restart us)
+            threads = {"buffer writer": self.outbox.alive, "uplink": self.uplink is None or self.uplink.alive}
+            if self.reporter is not None:
+                threads.update({name: alive() for name, alive in self.reporter.threads.items()})
+            healthy = all(threads.values())
             if healthy and interval:
                 self.notifier.notify("WATCHDOG=1")
             elif not healthy:
-                log.error(
-                    "unhealthy: buffer writer alive=%s, uplink alive=%s; withholding WATCHDOG=1",
-                    self.outbox.alive,
-                    self.uplink.alive if self.uplink else None,
-                )
+                down = ", ".join(name for name, up in threads.items() if not up)
+                log.error("unhealthy: %s not running; withholding WATCHDOG=1", down)
 
     async def _maintenance(self) -> None:
         from agent.buffer.maintenance import hourly

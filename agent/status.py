@@ -30,6 +30,8 @@ class StatusReporter:
         self.started = clock()
         self._clock = clock
         self.commands: dict[tuple[str, str], int] = {}
+        # other long-lived threads (name -> is it running?), shown like the writer's and the uplink's
+        self.threads: dict[str, Callable[[], bool]] = {}
 
     def status(self) -> dict[str, Any]:
         """The `status --json` object."""
@@ -86,6 +88,9 @@ class StatusReporter:
             out.append(
                 {"code": "uplink_down", "message": "the uplink thread is not running: nothing is sent"}
             )
+        for name, alive in self.threads.items():
+            if not alive():
+                out.append({"code": f"{name}_down", "message": f"the {name} thread is not running"})
         return out
 
     def healthy(self) -> bool:
@@ -109,6 +114,7 @@ class StatusReporter:
             "thread_up": [
                 {"thread": "buffer_writer", "value": int(self.outbox.alive)},
                 {"thread": "uplink", "value": int(self.uplink is not None and self.uplink.alive)},
+                *({"thread": name, "value": int(alive())} for name, alive in self.threads.items()),
             ],
             "mqtt_reconnects_total": up.reconnects if up else 0,
             "mqtt_set_aside_batches_total": up.set_aside_total if up else 0,

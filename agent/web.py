@@ -726,7 +726,11 @@ def make_app(cfg: AgentConfig, outbox: Outbox, reporter: StatusReporter, uplink:
                 "bytes": outbox.bytes,
             },
             "mqtt": {"configured": up.configured, "connected": up.connected, "last_error": up.last_error},
-            "threads": {"buffer_writer": outbox.alive, "uplink": uplink.alive},
+            "threads": {
+                "buffer_writer": outbox.alive,
+                "uplink": uplink.alive,
+                **{name: alive() for name, alive in reporter.threads.items()},
+            },
             "problems": problems,
         }
         return json_response(503 if problems else 200, body)

@@ -659,6 +659,25 @@ def test_healthz_is_503_once_the_uplink_thread_is_gone(api: ApiServer, client: h
     assert 'store_agent_thread_up{thread="uplink"} 0' in client.get("/metrics").text
 
 
+def test_healthz_is_503_once_another_registered_thread_is_gone(api: ApiServer, client: httpx.Client) -> None:
+    """The command channel's worker (or any thread the daemon registers) shows like the others."""
+    running = {"up": True}
+    api.reporter.threads["commands"] = lambda: running["up"]
+    assert client.get("/healthz").json()["threads"] == {
+        "buffer_writer": True,
+        "uplink": True,
+        "commands": True,
+    }
+    assert 'store_agent_thread_up{thread="commands"} 1' in client.get("/metrics").text
+    running["up"] = False
+    r = client.get("/healthz")
+    assert r.status_code == 503
+    assert r.json()["problems"] == [
+        {"code": "commands_down", "message": "the commands thread is not running"}
+    ]
+    assert 'store_agent_thread_up{thread="commands"} 0' in client.get("/metrics").text
+
+
 # ---- security: token, Host, origin, media type --------------------------------------------------------------
 
 

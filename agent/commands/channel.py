@@ -108,6 +108,11 @@ class CommandChannel:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """True while the worker thread runs (it outlives any command: see `_run`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 3.0) -> None:
         self._queue.put(None)
         if self._thread is not None:
