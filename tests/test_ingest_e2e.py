@@ -464,18 +464,9 @@ def test_a_day_dropped_by_another_instance_is_made_again(pgdb: str) -> None:
     one, two = ingest_db.Writer(pgdb), ingest_db.Writer(pgdb)
     one.open()
     two.open()
-    try:
-        for writer in (one, two):
-            parsed = Parsed()
-            parse_message(
-                agent.topic(),
-                agent.payload(agent.events(2, now_ms=1_700_000_000_000)),
-                "retail",
-                "2026-12-08T00:00:00Z",
-                parsed,
-            )
-            assert writer.write(parsed.rows, parsed.days, parsed.rejects) == 2
-        one.drop_older_than(1, date(2023, 12, 1))  # `two` still believes in 2023-11-14
+
+    def write_two_events(writer: ingest_db.Writer) -> int:
+        """Two new events of 2023-11-14 (the agent's next seqs), written by `writer`."""
         parsed = Parsed()
         parse_message(
             agent.topic(),
@@ -484,7 +475,13 @@ def test_a_day_dropped_by_another_instance_is_made_again(pgdb: str) -> None:
             "2026-12-08T00:00:00Z",
             parsed,
         )
-        assert two.write(parsed.rows, parsed.days, parsed.rejects) == 2
+        return writer.write(parsed.rows, parsed.days, parsed.rejects)
+
+    try:
+        for writer in (one, two):
+            assert write_two_events(writer) == 2
+        one.drop_older_than(1, date(2023, 12, 1))  # `two` still believes in 2023-11-14
+        assert write_two_events(two) == 2
         assert [s for (s,) in query(pgdb, "SELECT seq FROM store_events ORDER BY seq")] == [5, 6]
     finally:
         one.close()
