@@ -191,7 +191,9 @@ class Uplink:
         m, a = cfg.mqtt, cfg.agent
         self.command_topics = [f"{base}/cmd/+", f"{m.topic_prefix}/{a.tenant}/{a.store}/all/cmd/+"]
         self.commands: CommandSink | None = None
-        self._replies: dict[str, Reply] = {}  # waiting for the session thread, by command id
+        # waiting for the session thread, one per request: a repeated command id gets its reply
+        # again (contract section 3), to its own response topic and correlation data
+        self._replies: list[Reply] = []
         self._replies_lock = threading.Lock()
         self._reply_mids: dict[int, str] = {}  # mid of a published `reply` -> its command id
         self._agent_json = orjson.dumps(cfg.agent.id)
@@ -285,7 +287,7 @@ class Uplink:
     def send_reply(self, reply: Reply) -> None:
         """Publish a stored reply on the live session as soon as possible (any thread)."""
         with self._replies_lock:
-            self._replies[reply.command_id] = reply
+            self._replies.append(reply)
         self._wake()
 
     def _wake(self) -> None:
@@ -462,8 +464,7 @@ class Uplink:
         if not self._replies:
             return
         with self._replies_lock:
-            replies = list(self._replies.values())
-            self._replies.clear()
+            replies, self._replies = self._replies, []
         for reply in replies:
             mid = self._check(client.publish(self.reply_topic, reply.payload, qos=1))
             self._reply_mids[mid] = reply.command_id
